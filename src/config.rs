@@ -1,0 +1,583 @@
+//! The pipeline configuration file and the YAML loading shared with mappings.
+//!
+//! Loading happens in three steps, each of which names the file and line of
+//! what it refuses:
+//! 1. `${VAR}` / `${VAR:-default}` are replaced from the environment (secrets
+//!    stay out of files); a missing variable is an error at its line.
+//! 2. The text is parsed into structs that deny unknown keys, so a typo is an
+//!    error and not a silently ignored setting.
+//! 3. [`PipelineConfig::validate`] checks what types alone cannot.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// An error in a configuration or mapping file: where, and what to change.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// Dotted path of the field, when known (`source.postgres.slot`).
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(col) = self.column {
+                write!(f, ":{col}")?;
+            }
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": field `{field}`")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl ConfigError {
+    /// An error about `field` in `file`, located by searching `text` for it.
+    pub fn at_field(file: &Path, text: &str, field: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            line: line_of_field(text, field),
+            column: None,
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
+    }
+
+    fn whole_file(file: &Path, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            line: None,
+            column: None,
+            field: None,
+            message: message.into(),
+        }
+    }
+}
+
+/// Reads `path`, expands `${VAR}` references and parses it as YAML into `T`.
+/// Returns the expanded text too, so later checks can point at lines.
+pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<(T, String), ConfigError> {
+    let raw = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::whole_file(path, format!("cannot read the file: {e}")))?;
+    let text = expand_env(path, &raw, |name| std::env::var(name).ok())?;
+    let value = serde_yaml::from_str(&text).map_err(|e| {
+        let loc = e.location();
+        ConfigError {
+            file: path.to_path_buf(),
+            line: loc.as_ref().map(serde_yaml::Location::line),
+            column: loc.as_ref().map(serde_yaml::Location::column),
+            field: None,
+            message: e
+                .to_string()
+                .split(" at line ")
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        }
+    })?;
+    Ok((value, text))
+}
+
+/// Replaces `${NAME}` and `${NAME:-default}`. `$${` is a literal `${`.
+/// Comment lines are left alone, so an example in a comment needs no variable.
+pub fn expand_env(
+    file: &Path,
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    let mut out = String::with_capacity(text.len());
+    for (idx, line) in text.split_inclusive('\n').enumerate() {
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
+        let mut rest = line;
+        while let Some(pos) = rest.find("${") {
+            if pos > 0 && rest.as_bytes()[pos - 1] == b'$' {
+                out.push_str(&rest[..pos - 1]);
+                out.push_str("${");
+                rest = &rest[pos + 2..];
+                continue;
+            }
+            out.push_str(&rest[..pos]);
+            let after = &rest[pos + 2..];
+            let Some(end) = after.find('}') else {
+                return Err(ConfigError {
+                    file: file.to_path_buf(),
+                    line: Some(idx + 1),
+                    column: Some(line.len() - rest.len() + pos + 1),
+                    field: None,
+                    message: "`${` without a closing `}`".into(),
+                });
+            };
+            let expr = &after[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                return Err(ConfigError {
+                    file: file.to_path_buf(),
+                    line: Some(idx + 1),
+                    column: Some(line.len() - rest.len() + pos + 1),
+                    field: None,
+                    message: format!("`${{{expr}}}` is not a variable reference (use ${{NAME}} or ${{NAME:-default}})"),
+                });
+            }
+            match lookup(name).or_else(|| default.map(str::to_string)) {
+                Some(v) => out.push_str(&v),
+                None => {
+                    return Err(ConfigError {
+                        file: file.to_path_buf(),
+                        line: Some(idx + 1),
+                        column: Some(line.len() - rest.len() + pos + 1),
+                        field: None,
+                        message: format!(
+                            "environment variable {name} is not set; export it or write ${{{name}:-default}}"
+                        ),
+                    })
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+/// Finds the line of a dotted field path (`a.b.c`) in YAML text by looking
+/// for each key in turn below the previous one. Good enough to point a
+/// reader at the right place; `None` if a key is not written in the file.
+pub fn line_of_field(text: &str, field: &str) -> Option<usize> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0;
+    let mut found = None;
+    for key in field.split('.') {
+        let key = key.split('[').next().unwrap_or(key);
+        let hit = (from..lines.len()).find(|&i| {
+            let t = lines[i].trim_start().trim_start_matches("- ");
+            t.starts_with(&format!("{key}:")) || t == key || t.starts_with(&format!("\"{key}\":"))
+        })?;
+        found = Some(hit + 1);
+        from = hit + 1;
+    }
+    found
+}
+
+/// Default number of partitions for topics unilog creates.
+pub const DEFAULT_PARTITIONS: i32 = 3;
+/// Default replication factor for topics unilog creates.
+pub const DEFAULT_REPLICATION_FACTOR: i32 = 1;
+/// Default largest number of events in one batch.
+pub const DEFAULT_BATCH_MAX_EVENTS: usize = 2000;
+/// Default time a batch waits to fill, in milliseconds.
+pub const DEFAULT_BATCH_MAX_WAIT_MS: u64 = 20;
+/// Default number of batches handed to Kafka and not yet confirmed.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 16;
+
+/// The whole pipeline file (`unilog run --config FILE`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Pipeline name: names the slot, publication and state unless overridden.
+    pub name: String,
+    pub source: SourceConfig,
+    pub kafka: KafkaConfig,
+    pub schema_registry: RegistryConfig,
+    /// Mapping files, relative to this file.
+    pub mappings: Vec<PathBuf>,
+    /// Folder for local state (checkpoints), relative to this file.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default)]
+    pub batch: BatchConfig,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".unilog/state")
+}
+
+/// Which database the pipeline reads.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub postgres: PostgresConfig,
+}
+
+/// A PostgreSQL source read through logical replication (pgoutput).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database[?sslmode=...]`.
+    pub url: String,
+    /// Replication slot; default `unilog_<name>`.
+    pub slot: Option<String>,
+    /// Publication; default `unilog_<name>`.
+    pub publication: Option<String>,
+    /// Whether to copy existing rows before streaming.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+    /// Create the publication (or add missing tables to it) at start-up.
+    #[serde(default = "yes")]
+    pub manage_publication: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// What happens to rows that exist before the slot is created.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Copy every mapped table once, consistent with the stream, then stream.
+    #[default]
+    Initial,
+    /// Stream changes only.
+    Never,
+}
+
+/// Kafka connection and topic settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub brokers: String,
+    /// Partitions for topics unilog creates.
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Extra librdkafka settings (`security.protocol`, `sasl.mechanism`, ...).
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+fn default_partitions() -> i32 {
+    DEFAULT_PARTITIONS
+}
+
+fn default_replication() -> i32 {
+    DEFAULT_REPLICATION_FACTOR
+}
+
+/// A Confluent-compatible schema registry.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    pub url: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// How events are grouped on their way to Kafka.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default = "default_max_events")]
+    pub max_events: usize,
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_events: DEFAULT_BATCH_MAX_EVENTS,
+            max_wait_ms: DEFAULT_BATCH_MAX_WAIT_MS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+}
+
+fn default_max_events() -> usize {
+    DEFAULT_BATCH_MAX_EVENTS
+}
+fn default_max_wait_ms() -> u64 {
+    DEFAULT_BATCH_MAX_WAIT_MS
+}
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT
+}
+
+/// A loaded pipeline file, with where it came from.
+#[derive(Debug)]
+pub struct LoadedConfig {
+    pub path: PathBuf,
+    pub text: String,
+    pub config: PipelineConfig,
+}
+
+impl LoadedConfig {
+    /// Loads and validates a pipeline file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (config, text): (PipelineConfig, String) = load_yaml(path)?;
+        let loaded = LoadedConfig {
+            path: path.to_path_buf(),
+            text,
+            config,
+        };
+        loaded.validate()?;
+        Ok(loaded)
+    }
+
+    fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::at_field(&self.path, &self.text, field, message)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let c = &self.config;
+        if c.name.is_empty()
+            || !c
+                .name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+        {
+            return Err(self.err(
+                "name",
+                format!("`{}` must be letters, digits and `_` only (it names the slot and the publication)", c.name),
+            ));
+        }
+        let pg = &c.source.postgres;
+        if !pg.url.starts_with("postgres://") && !pg.url.starts_with("postgresql://") {
+            return Err(self.err(
+                "source.postgres.url",
+                "must be a URL like postgres://user:password@host:5432/database",
+            ));
+        }
+        for (field, value) in [("slot", &pg.slot), ("publication", &pg.publication)] {
+            if let Some(v) = value {
+                let ok = !v.is_empty()
+                    && v.len() <= 63
+                    && v.chars()
+                        .all(|ch| ch.is_ascii_lowercase() || ch.is_ascii_digit() || ch == '_');
+                if !ok {
+                    return Err(self.err(
+                        &format!("source.postgres.{field}"),
+                        format!("`{v}` must be 1 to 63 lowercase letters, digits or `_`"),
+                    ));
+                }
+            }
+        }
+        if c.kafka.brokers.trim().is_empty() {
+            return Err(self.err("kafka.brokers", "is empty; give host:port[,host:port]"));
+        }
+        if c.kafka.partitions < 1 {
+            return Err(self.err("kafka.partitions", "must be at least 1"));
+        }
+        if c.kafka.replication_factor < 1 {
+            return Err(self.err("kafka.replication_factor", "must be at least 1"));
+        }
+        if !c.schema_registry.url.starts_with("http://")
+            && !c.schema_registry.url.starts_with("https://")
+        {
+            return Err(self.err("schema_registry.url", "must start with http:// or https://"));
+        }
+        if c.schema_registry.password.is_some() && c.schema_registry.username.is_none() {
+            return Err(self.err("schema_registry.password", "is set without `username`"));
+        }
+        if c.mappings.is_empty() {
+            return Err(self.err("mappings", "lists no mapping file; add at least one"));
+        }
+        if c.batch.max_events == 0 || c.batch.max_in_flight == 0 {
+            return Err(self.err(
+                "batch",
+                "`max_events` and `max_in_flight` must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A path from the config file, resolved against the file's folder.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+
+    /// The Postgres source settings.
+    pub fn postgres(&self) -> &PostgresConfig {
+        &self.config.source.postgres
+    }
+
+    /// The replication slot name.
+    pub fn slot(&self) -> String {
+        self.postgres()
+            .slot
+            .clone()
+            .unwrap_or_else(|| format!("unilog_{}", self.config.name.to_lowercase()))
+    }
+
+    /// The publication name.
+    pub fn publication(&self) -> String {
+        self.postgres()
+            .publication
+            .clone()
+            .unwrap_or_else(|| format!("unilog_{}", self.config.name.to_lowercase()))
+    }
+
+    /// Folder for local state of this pipeline.
+    pub fn state_dir(&self) -> PathBuf {
+        self.resolve(&self.config.state_dir)
+    }
+}
+
+/// A URL with its password replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "PG_URL" => Some("postgres://u:secret@h/db".into()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn expands_variables_and_defaults() {
+        let out = expand_env(
+            Path::new("f.yaml"),
+            "url: ${PG_URL}\nx: ${NOPE:-7}\n# ${IGNORED}\ny: $${LIT}\n",
+            env,
+        )
+        .unwrap();
+        assert_eq!(
+            out,
+            "url: postgres://u:secret@h/db\nx: 7\n# ${IGNORED}\ny: ${LIT}\n"
+        );
+    }
+
+    #[test]
+    fn missing_variable_names_line_and_variable() {
+        let err = expand_env(Path::new("p.yaml"), "a: 1\nb: ${MISSING_SECRET}\n", env).unwrap_err();
+        assert_eq!(err.line, Some(2));
+        assert!(
+            err.to_string()
+                .starts_with("p.yaml:2:4: environment variable MISSING_SECRET is not set"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn finds_nested_field_lines() {
+        let text = "name: x\nsource:\n  postgres:\n    url: u\n    slot: S\nkafka:\n  brokers: b\n";
+        assert_eq!(line_of_field(text, "source.postgres.slot"), Some(5));
+        assert_eq!(line_of_field(text, "kafka.brokers"), Some(7));
+        assert_eq!(line_of_field(text, "kafka.nothing"), None);
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("http://h:1/x"), "http://h:1/x");
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const GOOD: &str = "name: demo\nsource:\n  postgres:\n    url: postgres://u:p@127.0.0.1/db\nkafka:\n  brokers: 127.0.0.1:9092\nschema_registry:\n  url: http://127.0.0.1:8081\nmappings: [m.yaml]\n";
+
+    #[test]
+    fn loads_a_good_file_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(dir.path(), "p.yaml", GOOD);
+        let c = LoadedConfig::load(&p).unwrap();
+        assert_eq!(c.slot(), "unilog_demo");
+        assert_eq!(c.publication(), "unilog_demo");
+        assert_eq!(c.config.kafka.partitions, DEFAULT_PARTITIONS);
+        assert_eq!(c.postgres().snapshot, SnapshotMode::Initial);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "p.yaml",
+            &GOOD.replace("  brokers:", "  brokerz: x\n  brokers:"),
+        );
+        let err = LoadedConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("p.yaml:6:3") && err.contains("unknown field `brokerz`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_refused_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "p.yaml",
+            &GOOD.replace(
+                "brokers: 127.0.0.1:9092",
+                "brokers: 127.0.0.1:9092\n  partitions: many",
+            ),
+        );
+        let err = LoadedConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("p.yaml:7") && err.contains("invalid type"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn semantic_error_names_field_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = write(
+            dir.path(),
+            "p.yaml",
+            &GOOD.replace(
+                "url: postgres://u:p@127.0.0.1/db",
+                "url: postgres://u:p@127.0.0.1/db\n    slot: Bad-Slot",
+            ),
+        );
+        let err = LoadedConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("p.yaml:5: field `source.postgres.slot`"),
+            "{err}"
+        );
+    }
+}

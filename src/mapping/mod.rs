@@ -1,0 +1,611 @@
+//! Mapping: row changes become domain events.
+//!
+//! A [`Mapper`] is built from the YAML mapping files (`spec`) and the
+//! tables' catalog entries. Building it checks every name in the files
+//! against the table; [`Mapper::register`] then derives each topic's Avro
+//! schema (`avro`), checks it against the schema registry (`registry`) and
+//! refuses to start on an incompatible one. [`Mapper::map`] turns one
+//! [`ChangeEvent`] into one framed Avro record, in the Confluent wire format
+//! (`0x00`, schema id as big-endian u32, Avro binary body).
+//!
+//! Every event has the same envelope, whatever the table:
+//! `event_type`, `op`, `key`, `dedup_id`, `before`, `after`, `source`.
+
+pub mod avro;
+pub mod registry;
+pub mod spec;
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::config::ConfigError;
+use crate::event::{ChangeEvent, Op, TableInfo, Value};
+use avro::{render_text, write_bytes, write_long, write_nullable, AvroType, EncodeError};
+use registry::{RegistryClient, RegistryError};
+use spec::{sanitize_name, LoadedMapping, TypeOverride};
+
+/// A change with its domain meaning, ready for Kafka.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DomainEvent {
+    pub topic: Arc<str>,
+    /// The entity key (Kafka message key); `None` for table-wide events.
+    pub key: Option<Vec<u8>>,
+    /// Same for the same change delivered twice.
+    pub dedup_id: String,
+    pub event_type: Arc<str>,
+    pub schema_id: u32,
+    /// Confluent wire format: magic byte, schema id, Avro body.
+    pub payload: Vec<u8>,
+}
+
+/// What stops a mapping.
+#[derive(Debug, thiserror::Error)]
+pub enum MappingError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{file}: {source}")]
+    Registry {
+        file: PathBuf,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("{file}: the schema derived for table {table} is incompatible with the latest version registered under subject `{subject}`.\n  registry says: {}\n  to fix: keep published fields and their types (new columns are published as optional fields, which is compatible), \
+publish to a new topic (for example `{topic_v2}`), or change the subject's compatibility level in the registry", messages.join("\n                ")
+    )]
+    Incompatible {
+        file: PathBuf,
+        table: String,
+        subject: String,
+        topic_v2: String,
+        messages: Vec<String>,
+    },
+    #[error("table {table}, column `{column}`, key {key}: {source}")]
+    Encode {
+        table: String,
+        column: String,
+        key: String,
+        #[source]
+        source: EncodeError,
+    },
+    #[error("table {table}: {message}")]
+    Drift { table: String, message: String },
+    #[error("table {table}: the {op} of a row has no value for key column `{column}`")]
+    MissingKey {
+        table: String,
+        op: &'static str,
+        column: String,
+    },
+}
+
+impl MappingError {
+    /// Whether retrying could help (only registry outages).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MappingError::Registry { source, .. } if source.is_transient())
+    }
+}
+
+/// One published field.
+#[derive(Clone, Debug)]
+struct FieldPlan {
+    column: String,
+    out: String,
+    ty: AvroType,
+}
+
+/// Column positions of a rule in one version of the table.
+struct Positions {
+    table: Arc<TableInfo>,
+    fields: Vec<usize>,
+    key: Vec<usize>,
+}
+
+/// The compiled mapping of one table.
+struct TableRule {
+    file: PathBuf,
+    table: String,
+    topic: Arc<str>,
+    subject: String,
+    events: HashMap<&'static str, Arc<str>>,
+    fields: Vec<FieldPlan>,
+    key_columns: Vec<String>,
+    schema: String,
+    schema_id: Option<u32>,
+    positions: Option<Positions>,
+}
+
+/// Turns [`ChangeEvent`]s into [`DomainEvent`]s by the mapping files.
+pub struct Mapper {
+    rules: HashMap<String, TableRule>,
+}
+
+impl Mapper {
+    /// Compiles mapping files against the tables they name (`tables` is
+    /// keyed by `schema.table`). Refuses names that do not exist, tables
+    /// without a key, types that cannot be published, and two mappings on
+    /// one topic.
+    pub fn new(
+        mappings: &[LoadedMapping],
+        tables: &HashMap<String, Arc<TableInfo>>,
+    ) -> Result<Self, MappingError> {
+        let mut rules = HashMap::new();
+        let mut topics: HashMap<String, PathBuf> = HashMap::new();
+        for m in mappings {
+            let qualified = m.qualified_table();
+            let Some(table) = tables.get(&qualified) else {
+                return Err(m.err("table", format!("table {qualified} does not exist in the database (or the user cannot see it)")).into());
+            };
+            if let Some(other) = topics.insert(m.spec.topic.clone(), m.path.clone()) {
+                return Err(m
+                    .err(
+                        "topic",
+                        format!(
+                            "topic `{}` is already used by {}; each topic carries one record type (subject `<topic>-value`), so give each table its own topic",
+                            m.spec.topic,
+                            other.display()
+                        ),
+                    )
+                    .into());
+            }
+            if rules.contains_key(&qualified) {
+                return Err(m
+                    .err("table", format!("table {qualified} is mapped twice"))
+                    .into());
+            }
+            let rule = compile(m, table)?;
+            rules.insert(qualified, rule);
+        }
+        Ok(Mapper { rules })
+    }
+
+    /// The mapped tables, `schema.table`.
+    pub fn tables(&self) -> Vec<String> {
+        let mut t: Vec<_> = self.rules.keys().cloned().collect();
+        t.sort();
+        t
+    }
+
+    /// The topics events go to.
+    pub fn topics(&self) -> Vec<String> {
+        let mut t: Vec<_> = self.rules.values().map(|r| r.topic.to_string()).collect();
+        t.sort();
+        t
+    }
+
+    /// (subject, schema JSON) per mapped table, for inspection and tests.
+    pub fn schemas(&self) -> Vec<(String, String)> {
+        let mut s: Vec<_> = self
+            .rules
+            .values()
+            .map(|r| (r.subject.clone(), r.schema.clone()))
+            .collect();
+        s.sort();
+        s
+    }
+
+    /// Checks every derived schema against the registry and, unless
+    /// `dry_run`, registers it. A dry run only needs each schema to be
+    /// compatible; it writes nothing. Returns (subject, id or None) pairs.
+    pub async fn register(
+        &mut self,
+        registry: &RegistryClient,
+        dry_run: bool,
+    ) -> Result<Vec<(String, Option<u32>)>, MappingError> {
+        let mut out = Vec::new();
+        let mut names: Vec<String> = self.rules.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let Some(rule) = self.rules.get_mut(&name) else {
+                continue;
+            };
+            let reg_err = |source| MappingError::Registry {
+                file: rule.file.clone(),
+                source,
+            };
+            let existing = registry
+                .lookup(&rule.subject, &rule.schema)
+                .await
+                .map_err(reg_err)?;
+            if let Some(found) = existing {
+                rule.schema_id = Some(found.id);
+                out.push((rule.subject.clone(), Some(found.id)));
+                continue;
+            }
+            let messages = registry
+                .check_compatibility(&rule.subject, &rule.schema)
+                .await
+                .map_err(|source| MappingError::Registry {
+                    file: rule.file.clone(),
+                    source,
+                })?;
+            if !messages.is_empty() {
+                return Err(MappingError::Incompatible {
+                    file: rule.file.clone(),
+                    table: rule.table.clone(),
+                    subject: rule.subject.clone(),
+                    topic_v2: format!("{}.v2", rule.topic),
+                    messages,
+                });
+            }
+            if dry_run {
+                out.push((rule.subject.clone(), None));
+                continue;
+            }
+            let id = registry
+                .register(&rule.subject, &rule.schema)
+                .await
+                .map_err(|source| match source {
+                    RegistryError::Incompatible { subject, messages } => {
+                        MappingError::Incompatible {
+                            file: rule.file.clone(),
+                            table: rule.table.clone(),
+                            subject,
+                            topic_v2: format!("{}.v2", rule.topic),
+                            messages,
+                        }
+                    }
+                    source => MappingError::Registry {
+                        file: rule.file.clone(),
+                        source,
+                    },
+                })?;
+            rule.schema_id = Some(id);
+            out.push((rule.subject.clone(), Some(id)));
+        }
+        Ok(out)
+    }
+
+    /// Maps one change. `Ok(None)` when the table is not mapped or the
+    /// operation is not published (truncate without an event name).
+    pub fn map(&mut self, ev: &ChangeEvent) -> Result<Option<DomainEvent>, MappingError> {
+        let qualified = ev.table.qualified();
+        let Some(rule) = self.rules.get_mut(&qualified) else {
+            return Ok(None);
+        };
+        let Some(event_type) = rule.events.get(ev.op.as_str()).cloned() else {
+            return Ok(None);
+        };
+        let Some(schema_id) = rule.schema_id else {
+            return Err(MappingError::Drift {
+                table: qualified,
+                message:
+                    "the mapping's schema was not registered before mapping (internal order error)"
+                        .into(),
+            });
+        };
+        if !rule
+            .positions
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.table, &ev.table))
+        {
+            rule.positions = Some(positions(rule, &ev.table)?);
+        }
+        let Some(pos) = rule.positions.as_ref() else {
+            return Ok(None);
+        };
+
+        let key_row = ev.after.as_ref().or(ev.before.as_ref());
+        let key_text = match (ev.op, key_row) {
+            (Op::Truncate, _) | (_, None) => None,
+            (_, Some(row)) => {
+                let mut parts = Vec::with_capacity(pos.key.len());
+                for (i, &idx) in pos.key.iter().enumerate() {
+                    let Some(text) = row.get(idx).and_then(render_text) else {
+                        return Err(MappingError::MissingKey {
+                            table: qualified,
+                            op: ev.op.as_str(),
+                            column: rule.key_columns[i].clone(),
+                        });
+                    };
+                    parts.push(text);
+                }
+                Some(if parts.len() == 1 {
+                    parts.pop().unwrap_or_default()
+                } else {
+                    serde_json::Value::from(parts).to_string()
+                })
+            }
+        };
+
+        let dedup_id = match ev.op {
+            Op::Snapshot => format!(
+                "pg/{}/{}/s{}",
+                ev.table.database, ev.seq.commit, ev.seq.ordinal
+            ),
+            _ => format!(
+                "pg/{}/{}/{}",
+                ev.table.database, ev.seq.commit, ev.seq.ordinal
+            ),
+        };
+
+        let mut buf = Vec::with_capacity(128);
+        buf.push(0);
+        buf.extend_from_slice(&schema_id.to_be_bytes());
+        write_bytes(&mut buf, event_type.as_bytes());
+        write_bytes(&mut buf, ev.op.as_str().as_bytes());
+        write_bytes(&mut buf, key_text.as_deref().unwrap_or_default().as_bytes());
+        write_bytes(&mut buf, dedup_id.as_bytes());
+        for row in [&ev.before, &ev.after] {
+            match row {
+                None => buf.push(0),
+                Some(row) => {
+                    buf.push(2);
+                    for (f, &idx) in rule.fields.iter().zip(&pos.fields) {
+                        let v = row.get(idx).unwrap_or(&Value::Null);
+                        write_nullable(&mut buf, &f.ty, v).map_err(|source| {
+                            MappingError::Encode {
+                                table: qualified.clone(),
+                                column: f.column.clone(),
+                                key: key_text.clone().unwrap_or_default(),
+                                source,
+                            }
+                        })?;
+                    }
+                }
+            }
+        }
+        write_bytes(&mut buf, b"postgresql");
+        write_bytes(&mut buf, ev.table.database.as_bytes());
+        write_bytes(&mut buf, ev.table.schema.as_bytes());
+        write_bytes(&mut buf, ev.table.name.as_bytes());
+        write_long(&mut buf, i64::try_from(ev.meta.lsn.0).unwrap_or(i64::MAX));
+        write_nullable(
+            &mut buf,
+            &AvroType::Long,
+            &ev.meta
+                .xid
+                .map_or(Value::Null, |x| Value::Int(i64::from(x))),
+        )
+        .map_err(|source| MappingError::Encode {
+            table: qualified.clone(),
+            column: "source.xid".into(),
+            key: String::new(),
+            source,
+        })?;
+        write_nullable(
+            &mut buf,
+            &AvroType::TimestampMicros,
+            &ev.meta
+                .commit_time_micros
+                .map_or(Value::Null, Value::TimestampMicros),
+        )
+        .map_err(|source| MappingError::Encode {
+            table: qualified.clone(),
+            column: "source.commit_time".into(),
+            key: String::new(),
+            source,
+        })?;
+        buf.push(u8::from(ev.op == Op::Snapshot));
+
+        Ok(Some(DomainEvent {
+            topic: rule.topic.clone(),
+            key: key_text.map(String::into_bytes),
+            dedup_id,
+            event_type,
+            schema_id,
+            payload: buf,
+        }))
+    }
+}
+
+fn columns_list(table: &TableInfo) -> String {
+    table
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn compile(m: &LoadedMapping, table: &TableInfo) -> Result<TableRule, MappingError> {
+    let q = table.qualified();
+    let missing = |field: &str, col: &str| {
+        m.err(
+            field,
+            format!(
+                "table {q} has no column `{col}`; its columns are: {}",
+                columns_list(table)
+            ),
+        )
+    };
+    for col in &m.spec.drop {
+        if table.column_index(col).is_none() {
+            return Err(missing("drop", col).into());
+        }
+    }
+    // Which columns, in which order, under which names.
+    let chosen: Vec<(String, Option<spec::ColumnRule>)> = match &m.spec.columns {
+        Some(cols) => {
+            for col in cols.keys() {
+                if table.column_index(col).is_none() {
+                    return Err(missing(&format!("columns.{col}"), col).into());
+                }
+            }
+            cols.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        }
+        None => table
+            .columns
+            .iter()
+            .filter(|c| !m.spec.drop.contains(&c.name))
+            .map(|c| (c.name.clone(), None))
+            .collect(),
+    };
+    let mut fields = Vec::with_capacity(chosen.len());
+    let mut seen = HashSet::new();
+    for (col, rule) in chosen {
+        let info = &table.columns[table.column_index(&col).unwrap_or_default()];
+        let out = rule
+            .as_ref()
+            .and_then(|r| r.rename().map(str::to_string))
+            .unwrap_or_else(|| sanitize_name(&col));
+        let field = format!("columns.{col}");
+        if !seen.insert(out.clone()) {
+            return Err(m
+                .err(
+                    &field,
+                    format!("two columns are published as `{out}`; rename one"),
+                )
+                .into());
+        }
+        let ty = match rule.as_ref().and_then(spec::ColumnRule::type_override) {
+            Some(TypeOverride::String) => AvroType::String,
+            None => AvroType::for_column(&info.ty).map_err(|why| {
+                let where_ = if m.spec.columns.is_some() { field.as_str() } else { "table" };
+                m.err(
+                    where_,
+                    format!(
+                        "column `{col}` of {q} has type `{}`: {why}; drop it (`drop: [{col}]`) or publish its text (`columns: {{ {col}: {{ type: string }} }}`)",
+                        info.type_name
+                    ),
+                )
+            })?,
+        };
+        fields.push(FieldPlan {
+            column: col,
+            out,
+            ty,
+        });
+    }
+    let key_columns = match &m.spec.key {
+        Some(k) => {
+            if k.is_empty() {
+                return Err(m.err("key", "is empty; name the key column(s)").into());
+            }
+            for col in k {
+                if table.column_index(col).is_none() {
+                    return Err(missing("key", col).into());
+                }
+            }
+            k.clone()
+        }
+        None => {
+            let pk: Vec<String> = table
+                .columns
+                .iter()
+                .filter(|c| c.key)
+                .map(|c| c.name.clone())
+                .collect();
+            if pk.is_empty() {
+                return Err(m
+                    .err(
+                        "table",
+                        format!("table {q} has no primary key; name the entity key with `key: [column, ...]` (and give the table a replica identity)"),
+                    )
+                    .into());
+            }
+            pk
+        }
+    };
+    let s = &m.spec;
+    let mut events: HashMap<&'static str, Arc<str>> = HashMap::new();
+    events.insert("insert", Arc::from(s.events.insert.as_str()));
+    events.insert("update", Arc::from(s.events.update.as_str()));
+    events.insert("delete", Arc::from(s.events.delete.as_str()));
+    events.insert(
+        "snapshot",
+        Arc::from(s.events.snapshot.as_deref().unwrap_or(&s.events.insert)),
+    );
+    if let Some(t) = &s.events.truncate {
+        events.insert("truncate", Arc::from(t.as_str()));
+    }
+    let row_name = s.record.clone().unwrap_or_else(|| pascal_case(&table.name));
+    let schema = envelope_schema(&row_name, &table.schema, &q, &fields);
+    Ok(TableRule {
+        file: m.path.clone(),
+        table: q,
+        topic: Arc::from(s.topic.as_str()),
+        subject: format!("{}-value", s.topic),
+        events,
+        fields,
+        key_columns,
+        schema,
+        schema_id: None,
+        positions: None,
+    })
+}
+
+fn positions(rule: &TableRule, table: &Arc<TableInfo>) -> Result<Positions, MappingError> {
+    let mut fields = Vec::with_capacity(rule.fields.len());
+    for f in &rule.fields {
+        let Some(idx) = table.column_index(&f.column) else {
+            return Err(MappingError::Drift {
+                table: rule.table.clone(),
+                message: format!(
+                    "column `{}` is published by {} but the table no longer has it (columns now: {}); update the mapping",
+                    f.column,
+                    rule.file.display(),
+                    columns_list(table)
+                ),
+            });
+        };
+        fields.push(idx);
+    }
+    let mut key = Vec::with_capacity(rule.key_columns.len());
+    for k in &rule.key_columns {
+        key.push(table.column_index(k).ok_or_else(|| MappingError::Drift {
+            table: rule.table.clone(),
+            message: format!(
+                "key column `{k}` is gone from the table; update {}",
+                rule.file.display()
+            ),
+        })?);
+    }
+    Ok(Positions {
+        table: table.clone(),
+        fields,
+        key,
+    })
+}
+
+/// `user_connections` -> `UserConnections`.
+pub fn pascal_case(s: &str) -> String {
+    let out: String = s
+        .split(|c: char| !c.is_ascii_alphanumeric())
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let mut cs = p.chars();
+            cs.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + cs.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    sanitize_name(&out)
+}
+
+fn envelope_schema(row_name: &str, db_schema: &str, table: &str, fields: &[FieldPlan]) -> String {
+    let row_fields: Vec<serde_json::Value> = fields
+        .iter()
+        .map(|f| json!({"name": f.out, "type": ["null", f.ty.schema()], "default": null}))
+        .collect();
+    let namespace = format!("unilog.{}", sanitize_name(db_schema));
+    let schema = json!({
+        "type": "record",
+        "name": format!("{row_name}Event"),
+        "namespace": namespace,
+        "doc": format!("Domain events of table {table}, published by unilog"),
+        "fields": [
+            {"name": "event_type", "type": "string"},
+            {"name": "op", "type": "string", "doc": "snapshot, insert, update, delete or truncate"},
+            {"name": "key", "type": "string", "doc": "entity key: the key column's text, or a JSON array of texts for a composite key"},
+            {"name": "dedup_id", "type": "string", "doc": "the same for the same change delivered twice"},
+            {"name": "before", "type": ["null", {"type": "record", "name": row_name, "fields": row_fields}], "default": null},
+            {"name": "after", "type": ["null", row_name], "default": null},
+            {"name": "source", "type": {"type": "record", "name": "Source", "fields": [
+                {"name": "connector", "type": "string"},
+                {"name": "database", "type": "string"},
+                {"name": "schema", "type": "string"},
+                {"name": "table", "type": "string"},
+                {"name": "lsn", "type": "long"},
+                {"name": "xid", "type": ["null", "long"], "default": null},
+                {"name": "commit_time", "type": ["null", {"type": "long", "logicalType": "timestamp-micros"}], "default": null},
+                {"name": "snapshot", "type": "boolean"}
+            ]}}
+        ]
+    });
+    schema.to_string()
+}
+
+#[cfg(test)]
+mod tests;

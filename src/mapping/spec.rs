@@ -1,0 +1,299 @@
+//! The YAML mapping file a platform team edits: which table changes become
+//! which domain events, on which topic, with which fields.
+//!
+//! ```yaml
+//! table: public.users          # schema.table (schema defaults to public)
+//! topic: legacy.users          # the shared topic; subject is `<topic>-value`
+//! record: User                 # Avro record name (default: from the table)
+//! key: [id]                    # entity key (default: the primary key)
+//! events:                      # event type per operation
+//!   insert: UserRegistered
+//!   update: UserProfileChanged
+//!   delete: UserDeleted
+//!   snapshot: UserRegistered   # default: the insert name
+//!   truncate: UsersTruncated   # default: truncates are not published
+//! columns:                     # publish these, in this order (default: all)
+//!   id: user_id                # rename
+//!   email:                     # keep the name
+//!   created_at: { as: registered_at }
+//!   plan: { type: string }     # publish as text
+//! drop: [password_digest]      # never leaves the database
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use indexmap::IndexMap;
+use serde::Deserialize;
+
+use crate::config::{load_yaml, ConfigError};
+
+/// One mapping file, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MappingSpec {
+    pub table: String,
+    pub topic: String,
+    pub record: Option<String>,
+    pub key: Option<Vec<String>>,
+    pub events: EventNames,
+    pub columns: Option<IndexMap<String, Option<ColumnRule>>>,
+    #[serde(default)]
+    pub drop: Vec<String>,
+}
+
+/// Event type names per operation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventNames {
+    pub insert: String,
+    pub update: String,
+    pub delete: String,
+    pub snapshot: Option<String>,
+    pub truncate: Option<String>,
+}
+
+/// How one column is published.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum ColumnRule {
+    /// `column: new_name`
+    Rename(String),
+    /// `column: { as: new_name, type: string }`
+    Detailed(ColumnDetail),
+}
+
+/// The long form of a column rule.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ColumnDetail {
+    #[serde(rename = "as")]
+    pub rename: Option<String>,
+    #[serde(rename = "type")]
+    pub type_override: Option<TypeOverride>,
+}
+
+/// Published types a column can be forced to.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TypeOverride {
+    /// The value's text form.
+    String,
+}
+
+/// A mapping file with its path and text, for error messages.
+#[derive(Debug)]
+pub struct LoadedMapping {
+    pub path: PathBuf,
+    pub text: String,
+    pub spec: MappingSpec,
+}
+
+impl LoadedMapping {
+    /// Reads and parses one mapping file (syntax and key names only; the
+    /// checks against the table happen when the [`super::Mapper`] is built).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let (spec, text): (MappingSpec, String) = load_yaml(path)?;
+        let loaded = LoadedMapping {
+            path: path.to_path_buf(),
+            text,
+            spec,
+        };
+        loaded.check_names()?;
+        Ok(loaded)
+    }
+
+    /// An error about `field` of this file.
+    pub fn err(&self, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::at_field(&self.path, &self.text, field, message)
+    }
+
+    /// `schema.table` of the mapped table.
+    pub fn qualified_table(&self) -> String {
+        qualify(&self.spec.table)
+    }
+
+    fn check_names(&self) -> Result<(), ConfigError> {
+        let s = &self.spec;
+        if s.topic.is_empty()
+            || s.topic.len() > 249
+            || !s
+                .topic
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(self.err(
+                "topic",
+                format!(
+                    "`{}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`)",
+                    s.topic
+                ),
+            ));
+        }
+        if let Some(r) = &s.record {
+            if !is_avro_name(r) {
+                return Err(self.err(
+                    "record",
+                    format!("`{r}` is not a valid Avro record name ([A-Za-z_][A-Za-z0-9_]*)"),
+                ));
+            }
+        }
+        let names = [
+            ("events.insert", Some(&s.events.insert)),
+            ("events.update", Some(&s.events.update)),
+            ("events.delete", Some(&s.events.delete)),
+            ("events.snapshot", s.events.snapshot.as_ref()),
+            ("events.truncate", s.events.truncate.as_ref()),
+        ];
+        for (field, name) in names {
+            if let Some(n) = name {
+                let ok = n.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+                    && n.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.'));
+                if !ok {
+                    return Err(self.err(field, format!("`{n}` is not an event type name (letters, digits, `_`, `.`; starts with a letter)")));
+                }
+            }
+        }
+        if let Some(cols) = &s.columns {
+            for (col, rule) in cols {
+                if s.drop.contains(col) {
+                    return Err(self.err("drop", format!("`{col}` is both published (columns) and dropped; remove it from one of them")));
+                }
+                if let Some(out) = rule.as_ref().and_then(ColumnRule::rename) {
+                    if !is_avro_name(out) {
+                        return Err(self.err(
+                            &format!("columns.{col}"),
+                            format!("`{out}` is not a valid field name ([A-Za-z_][A-Za-z0-9_]*)"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ColumnRule {
+    /// The published name, when renamed.
+    pub fn rename(&self) -> Option<&str> {
+        match self {
+            ColumnRule::Rename(n) => Some(n),
+            ColumnRule::Detailed(d) => d.rename.as_deref(),
+        }
+    }
+
+    /// The forced type, if any.
+    pub fn type_override(&self) -> Option<TypeOverride> {
+        match self {
+            ColumnRule::Rename(_) => None,
+            ColumnRule::Detailed(d) => d.type_override,
+        }
+    }
+}
+
+/// `users` -> `public.users`.
+pub fn qualify(table: &str) -> String {
+    if table.contains('.') {
+        table.to_string()
+    } else {
+        format!("public.{table}")
+    }
+}
+
+/// Avro names: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_avro_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// A column name made into a valid Avro name (`first-name` -> `first_name`).
+pub fn sanitize_name(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if !out
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    {
+        out.insert(0, '_');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<LoadedMapping, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("users.yaml");
+        std::fs::write(&p, text).unwrap();
+        LoadedMapping::load(&p)
+    }
+
+    const GOOD: &str = "table: users\ntopic: legacy.users\nevents:\n  insert: UserRegistered\n  update: UserUpdated\n  delete: UserDeleted\ncolumns:\n  id: user_id\n  email:\n  created_at: { as: registered_at }\n  plan: { type: string }\ndrop: [password_digest]\n";
+
+    #[test]
+    fn parses_all_column_forms_in_order() {
+        let m = load(GOOD).unwrap();
+        assert_eq!(m.qualified_table(), "public.users");
+        let cols = m.spec.columns.as_ref().unwrap();
+        let names: Vec<_> = cols.keys().cloned().collect();
+        assert_eq!(names, ["id", "email", "created_at", "plan"]);
+        assert_eq!(cols["id"].as_ref().unwrap().rename(), Some("user_id"));
+        assert!(cols["email"].is_none());
+        assert_eq!(
+            cols["created_at"].as_ref().unwrap().rename(),
+            Some("registered_at")
+        );
+        assert_eq!(
+            cols["plan"].as_ref().unwrap().type_override(),
+            Some(TypeOverride::String)
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_its_line() {
+        let err = load(&GOOD.replace("drop:", "dorp:"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("users.yaml:12") && err.contains("unknown field `dorp`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn missing_event_name_is_refused() {
+        let err = load(&GOOD.replace("  delete: UserDeleted\n", ""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `delete`"), "{err}");
+    }
+
+    #[test]
+    fn bad_field_name_is_refused() {
+        let err = load(&GOOD.replace("id: user_id", "id: user-id"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("users.yaml:8: field `columns.id`"), "{err}");
+    }
+
+    #[test]
+    fn sanitizes_names() {
+        assert_eq!(sanitize_name("first-name"), "first_name");
+        assert_eq!(sanitize_name("1st"), "_1st");
+        assert!(is_avro_name("_a1") && !is_avro_name("a-b"));
+    }
+}

@@ -1,0 +1,768 @@
+//! The PostgreSQL source: logical replication with `pgoutput`.
+//!
+//! ```text
+//!   legacy app ──writes──▶ PostgreSQL ──WAL──▶ slot `unilog_<name>` (pgoutput, publication)
+//!                                │                      │
+//!             exported snapshot  │                      │ START_REPLICATION at the slot's
+//!             (REPEATABLE READ,  │                      │ consistent point, then at the
+//!              COPY per table)   ▼                      ▼ last delivered commit
+//!                          SnapshotReader ──▶  PgSource::next_batch ──▶ Mapper ──▶ Kafka
+//!                                                       ▲                           │
+//!                                                       └──── ack(commit end LSN) ◀─┘
+//! ```
+//!
+//! # Consistency of snapshot and stream
+//! The slot is created with `CREATE_REPLICATION_SLOT ... (SNAPSHOT 'export')`
+//! on a replication connection, which returns the slot's consistent point
+//! and the name of a snapshot of the database at exactly that point. The
+//! snapshot is imported into a `REPEATABLE READ` transaction on a second
+//! connection before the replication connection runs anything else, and
+//! every mapped table is copied from it. Streaming then starts at the
+//! consistent point: every transaction that committed before it is in the
+//! snapshot, every one after it is in the stream, none in both.
+//!
+//! # Progress tracking
+//! A position is acknowledged to the server (the slot's
+//! `confirmed_flush_lsn`) only when Kafka has confirmed every event of
+//! every transaction up to that commit. After a crash the server resends
+//! from the last acknowledged commit, so nothing is lost; a transaction
+//! whose events were delivered but not yet acknowledged is delivered again,
+//! with the same dedup ids. The delivered position is also kept in a local
+//! checkpoint, and the stream resumes from whichever of the two is later.
+
+pub mod catalog;
+pub mod pgoutput;
+pub mod snapshot;
+pub mod values;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_postgres::{Client, NoTls};
+
+use crate::checkpoint::{CheckpointError, CheckpointStore, FileCheckpointStore, PgCheckpoint};
+use crate::config::{redact_url, SnapshotMode};
+use crate::event::{
+    ChangeEvent, ColumnInfo, Lsn, Op, Position, Row, SeqKey, SourceMeta, TableInfo, Value,
+};
+use crate::sources::{Source, SourceBatch};
+use catalog::{quote_ident, Catalog};
+use pgoutput::{decode, pg_epoch_micros_to_unix, LogicalMessage, OldTuple, TupleData, TupleValue};
+use snapshot::SnapshotReader;
+
+/// Session settings that make text values parse the same everywhere.
+pub const SESSION_OPTIONS: &str =
+    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex";
+
+/// What went wrong in the Postgres source.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("cannot connect to PostgreSQL at {url}: {reason}; check source.postgres.url, that the server is running, and the user and password")]
+    Connect { url: String, reason: String },
+    #[error("PostgreSQL: {what}: {source}")]
+    Query {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("PostgreSQL: {0}")]
+    Setup(String),
+    #[error("replication stream: {0}")]
+    Replication(String),
+    #[error("cannot decode a pgoutput message at {lsn}: {reason}")]
+    Decode { lsn: Lsn, reason: String },
+    #[error("table {table}, column `{column}`: {reason}")]
+    Value {
+        table: String,
+        column: String,
+        reason: String,
+    },
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+}
+
+impl PgError {
+    /// Worth restarting for (connections drop; data errors do not heal).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PgError::Connect { .. } | PgError::Replication(_))
+    }
+}
+
+fn query_err(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+    let what = what.into();
+    move |source| PgError::Query { what, source }
+}
+
+/// Settings of one Postgres pipeline.
+#[derive(Clone, Debug)]
+pub struct PgSettings {
+    pub url: String,
+    pub slot: String,
+    pub publication: String,
+    pub snapshot: SnapshotMode,
+    pub manage_publication: bool,
+}
+
+/// The state of the current transaction in the stream.
+struct Txn {
+    xid: u32,
+    commit: Lsn,
+    commit_time_micros: i64,
+    ordinal: u64,
+}
+
+/// Reads a database's changes: initial snapshot, then the replication stream.
+pub struct PgSource {
+    settings: PgSettings,
+    client: Client,
+    catalog: Catalog,
+    database: String,
+    repl: Option<ReplicationClient>,
+    start_lsn: Lsn,
+    relations: HashMap<u32, Arc<TableInfo>>,
+    known: HashMap<String, Arc<TableInfo>>,
+    txn: Option<Txn>,
+    store: FileCheckpointStore,
+    state: PgCheckpoint,
+    last_saved: Instant,
+    dirty: bool,
+}
+
+/// Opens an ordinary connection (session settings applied).
+pub async fn connect_plain(url: &str) -> Result<Client, PgError> {
+    let (client, conn) =
+        tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|e| PgError::Connect {
+                url: redact_url(url),
+                reason: e.to_string(),
+            })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "postgres connection closed");
+        }
+    });
+    client
+        .batch_execute(
+            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'",
+        )
+        .await
+        .map_err(query_err("setting session options"))?;
+    Ok(client)
+}
+
+impl PgSource {
+    /// Connects and checks that the server and role can replicate.
+    pub async fn connect(
+        settings: PgSettings,
+        store: FileCheckpointStore,
+    ) -> Result<Self, PgError> {
+        let client = connect_plain(&settings.url).await?;
+        let row = client
+            .query_one(
+                "SELECT current_database()::text, current_setting('wal_level'), current_user::text,
+                        (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+                &[],
+            )
+            .await
+            .map_err(query_err("reading server settings"))?;
+        let database: String = row.get(0);
+        let wal_level: String = row.get(1);
+        let user: String = row.get(2);
+        let can_replicate: Option<bool> = row.get(3);
+        if wal_level != "logical" {
+            return Err(PgError::Setup(format!(
+                "wal_level is `{wal_level}`; set `wal_level = logical` in postgresql.conf and restart the server"
+            )));
+        }
+        if can_replicate != Some(true) {
+            return Err(PgError::Setup(format!(
+                "role `{user}` may not replicate; run `ALTER ROLE {user} REPLICATION` as a superuser"
+            )));
+        }
+        let state = store.load()?;
+        Ok(PgSource {
+            catalog: Catalog::new(&database),
+            database,
+            client,
+            settings,
+            repl: None,
+            start_lsn: Lsn(0),
+            relations: HashMap::new(),
+            known: HashMap::new(),
+            txn: None,
+            store,
+            state,
+            last_saved: Instant::now(),
+            dirty: false,
+        })
+    }
+
+    /// The database name.
+    pub fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Reads the named tables (`schema.table`) from the catalog; missing
+    /// tables are left out of the answer.
+    pub async fn load_tables(
+        &mut self,
+        names: &[String],
+    ) -> Result<HashMap<String, Arc<TableInfo>>, PgError> {
+        let mut out = HashMap::new();
+        for name in names {
+            if let Some(t) = self
+                .catalog
+                .table(&self.client, name)
+                .await
+                .map_err(query_err(format!("reading the definition of {name}")))?
+            {
+                out.insert(name.clone(), Arc::new(t));
+            }
+        }
+        self.known.clone_from(&out);
+        Ok(out)
+    }
+
+    /// Makes sure the publication exists and covers `tables`, creating or
+    /// extending it when allowed. Returns what it changed, for the log.
+    pub async fn ensure_publication(
+        &self,
+        tables: &[String],
+        dry_run: bool,
+    ) -> Result<Vec<String>, PgError> {
+        let publ = &self.settings.publication;
+        let exists = self
+            .client
+            .query_opt(
+                "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+                &[publ],
+            )
+            .await
+            .map_err(query_err("reading publications"))?;
+        let quoted = |t: &String| {
+            let (s, n) = t.split_once('.').unwrap_or(("public", t));
+            format!("{}.{}", quote_ident(s), quote_ident(n))
+        };
+        let mut changes = Vec::new();
+        match exists {
+            None => {
+                let sql = format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    quote_ident(publ),
+                    tables.iter().map(quoted).collect::<Vec<_>>().join(", ")
+                );
+                if !self.settings.manage_publication {
+                    return Err(PgError::Setup(format!(
+                        "publication `{publ}` does not exist; create it with `{sql}` or set source.postgres.manage_publication: true"
+                    )));
+                }
+                if !dry_run {
+                    self.client
+                        .batch_execute(&sql)
+                        .await
+                        .map_err(query_err(format!("creating publication {publ}")))?;
+                }
+                changes.push(sql);
+            }
+            Some(row) if row.get::<_, bool>(0) => {}
+            Some(_) => {
+                let present: Vec<String> = self
+                    .client
+                    .query("SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1", &[publ])
+                    .await
+                    .map_err(query_err(format!("reading the tables of publication {publ}")))?
+                    .into_iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                for t in tables.iter().filter(|t| !present.contains(t)) {
+                    let sql = format!(
+                        "ALTER PUBLICATION {} ADD TABLE {}",
+                        quote_ident(publ),
+                        quoted(t)
+                    );
+                    if !self.settings.manage_publication {
+                        return Err(PgError::Setup(format!(
+                            "publication `{publ}` does not include {t}; run `{sql}` or set source.postgres.manage_publication: true"
+                        )));
+                    }
+                    if !dry_run {
+                        self.client
+                            .batch_execute(&sql)
+                            .await
+                            .map_err(query_err(format!("adding {t} to publication {publ}")))?;
+                    }
+                    changes.push(sql);
+                }
+            }
+        }
+        Ok(changes)
+    }
+
+    fn replication_config(&self) -> Result<ReplicationConfig, PgError> {
+        let bad = |reason: String| PgError::Connect {
+            url: redact_url(&self.settings.url),
+            reason,
+        };
+        let pc =
+            tokio_postgres::Config::from_str(&self.settings.url).map_err(|e| bad(e.to_string()))?;
+        let host = match pc.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = pc.get_ports().first().copied().unwrap_or(5432);
+        let user = pc
+            .get_user()
+            .ok_or_else(|| bad("the URL names no user".into()))?
+            .to_string();
+        let password = pc
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
+        Ok(ReplicationConfig::new(
+            host,
+            user,
+            password,
+            self.database.clone(),
+            self.settings.slot.clone(),
+            self.settings.publication.clone(),
+        )
+        .with_port(port)
+        .with_options(SESSION_OPTIONS)
+        .with_application_name(format!("unilog-{}", self.settings.slot))
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_buffer_size(8192))
+    }
+
+    /// Opens the slot: creates it (with an exported snapshot) when it does
+    /// not exist or the last snapshot did not finish, else resumes. Returns
+    /// the snapshot to copy first, if one is needed.
+    pub async fn open(
+        &mut self,
+        tables: &[Arc<TableInfo>],
+    ) -> Result<Option<SnapshotReader>, PgError> {
+        let slot = self.settings.slot.clone();
+        let existing = self
+            .client
+            .query_opt(
+                "SELECT confirmed_flush_lsn::text, plugin::text, database::text, wal_status, active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(query_err("reading replication slots"))?;
+        let same_slot = self.state.slot == slot;
+        let snapshot_needed = self.settings.snapshot == SnapshotMode::Initial;
+        if let Some(row) = &existing {
+            let plugin: Option<String> = row.get(1);
+            let db: Option<String> = row.get(2);
+            let wal_status: Option<String> = row.get(3);
+            let active: bool = row.get(4);
+            if plugin.as_deref() != Some("pgoutput")
+                || db.as_deref() != Some(self.database.as_str())
+            {
+                return Err(PgError::Setup(format!(
+                    "slot `{slot}` exists but is not a pgoutput slot of database {}; choose another source.postgres.slot",
+                    self.database
+                )));
+            }
+            if wal_status.as_deref() == Some("lost") {
+                return Err(PgError::Setup(format!(
+                    "slot `{slot}` was invalidated by the server (WAL it needed was removed); drop it with `SELECT pg_drop_replication_slot('{slot}')` and restart unilog to take a new snapshot"
+                )));
+            }
+            if active {
+                return Err(PgError::Setup(format!(
+                    "slot `{slot}` is in use by another process (another unilog running this pipeline?)"
+                )));
+            }
+            let resumable = !snapshot_needed || (same_slot && self.state.snapshot_complete);
+            if resumable {
+                let confirmed: Option<String> = row.get(0);
+                let confirmed = confirmed
+                    .and_then(|s| s.parse::<Lsn>().ok())
+                    .unwrap_or_default();
+                let local = if same_slot {
+                    self.state.delivered().unwrap_or_default()
+                } else {
+                    Lsn(0)
+                };
+                self.start_lsn = confirmed.max(local);
+                tracing::info!(slot = %slot, start = %self.start_lsn, "resuming from the slot");
+                let cfg = self
+                    .replication_config()?
+                    .with_start_lsn(self.start_lsn.0.into());
+                self.repl = Some(
+                    ReplicationClient::connect_gated(cfg)
+                        .await
+                        .map_err(|e| PgError::Replication(e.to_string()))?,
+                );
+                return Ok(None);
+            }
+            tracing::warn!(slot = %slot, "the last initial snapshot did not finish; dropping the slot and starting over");
+            self.client
+                .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                .await
+                .map_err(query_err(format!("dropping unfinished slot {slot}")))?;
+        }
+
+        let mut repl = ReplicationClient::connect_gated(self.replication_config()?)
+            .await
+            .map_err(|e| PgError::Replication(e.to_string()))?;
+        let mode = if snapshot_needed { "export" } else { "nothing" };
+        let rows = repl
+            .simple_query(&format!(
+                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput (SNAPSHOT '{mode}')",
+                quote_ident(&slot)
+            ))
+            .await
+            .map_err(|e| PgError::Setup(format!("cannot create replication slot `{slot}`: {e}")))?;
+        let field = |i: usize| {
+            rows.first()
+                .and_then(|r| r.get(i))
+                .and_then(Option::as_ref)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+        };
+        let consistent: Lsn = field(1).and_then(|s| s.parse().ok()).ok_or_else(|| {
+            PgError::Setup("CREATE_REPLICATION_SLOT returned no consistent point".into())
+        })?;
+        tracing::info!(slot = %slot, consistent_point = %consistent, "created replication slot");
+        self.state = PgCheckpoint {
+            slot: slot.clone(),
+            slot_created_at: Some(consistent.to_string()),
+            snapshot_complete: !snapshot_needed,
+            delivered_lsn: Some(consistent.to_string()),
+        };
+        self.store.commit(&self.state)?;
+        self.start_lsn = consistent;
+        let reader = if snapshot_needed {
+            let name = field(2).ok_or_else(|| {
+                PgError::Setup("CREATE_REPLICATION_SLOT exported no snapshot".into())
+            })?;
+            Some(
+                SnapshotReader::begin(&self.settings.url, &name, consistent, tables.to_vec())
+                    .await?,
+            )
+        } else {
+            None
+        };
+        self.repl = Some(repl);
+        Ok(reader)
+    }
+
+    /// Records that the initial snapshot was fully delivered.
+    pub fn snapshot_delivered(&mut self) -> Result<(), PgError> {
+        self.state.snapshot_complete = true;
+        self.store.commit(&self.state)?;
+        Ok(())
+    }
+
+    /// Starts streaming from the slot (after the snapshot, if any).
+    pub async fn start_streaming(&mut self) -> Result<(), PgError> {
+        let repl = self
+            .repl
+            .as_mut()
+            .ok_or_else(|| PgError::Replication("the slot was not opened".into()))?;
+        repl.start()
+            .await
+            .map_err(|e| PgError::Replication(e.to_string()))?;
+        repl.wait_started()
+            .await
+            .map_err(|e| PgError::Replication(e.to_string()))?;
+        tracing::info!(slot = %self.settings.slot, from = %self.start_lsn, "streaming changes");
+        Ok(())
+    }
+
+    /// Saves the checkpoint and closes the replication stream.
+    pub async fn shutdown(&mut self) -> Result<(), PgError> {
+        if self.dirty {
+            self.store.commit(&self.state)?;
+            self.dirty = false;
+        }
+        if let Some(mut repl) = self.repl.take() {
+            // Give the worker a moment to send the last acknowledgement.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            if let Err(e) = repl.shutdown().await {
+                tracing::debug!(error = %e, "replication stream closed with an error");
+            }
+        }
+        Ok(())
+    }
+
+    async fn relation(&mut self, body: pgoutput::RelationBody) -> Result<(), PgError> {
+        let qualified = format!("{}.{}", body.namespace, body.name);
+        let known = self.known.get(&qualified).cloned();
+        let mut columns = Vec::with_capacity(body.columns.len());
+        for c in &body.columns {
+            let (ty, type_name) = self
+                .catalog
+                .resolve(&self.client, c.type_oid, c.type_modifier)
+                .await
+                .map_err(query_err(format!(
+                    "resolving the type of {qualified}.{}",
+                    c.name
+                )))?;
+            let nullable = known
+                .as_ref()
+                .and_then(|k| k.columns.iter().find(|kc| kc.name == c.name))
+                .is_none_or(|kc| kc.nullable);
+            columns.push(ColumnInfo {
+                name: c.name.clone(),
+                type_name,
+                ty,
+                nullable,
+                key: c.key,
+            });
+        }
+        let info = TableInfo {
+            database: self.database.clone(),
+            schema: body.namespace,
+            name: body.name,
+            columns,
+        };
+        // Keep the same Arc while the table is unchanged, so mappers keep their plans.
+        let arc = match known {
+            Some(k) if *k == info => k,
+            _ => Arc::new(info),
+        };
+        self.relations.insert(body.id, arc);
+        Ok(())
+    }
+
+    fn table_of(&self, id: u32, lsn: Lsn) -> Result<Arc<TableInfo>, PgError> {
+        self.relations
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| PgError::Decode {
+                lsn,
+                reason: format!("change for relation {id} arrived before its Relation message"),
+            })
+    }
+
+    fn event(
+        &mut self,
+        table: Arc<TableInfo>,
+        op: Op,
+        before: Option<Row>,
+        after: Option<Row>,
+        lsn: Lsn,
+    ) -> Result<ChangeEvent, PgError> {
+        let txn = self.txn.as_mut().ok_or_else(|| PgError::Decode {
+            lsn,
+            reason: "a change arrived outside a transaction".into(),
+        })?;
+        let seq = SeqKey {
+            commit: txn.commit,
+            ordinal: txn.ordinal,
+        };
+        txn.ordinal += 1;
+        Ok(ChangeEvent {
+            table,
+            op,
+            seq,
+            meta: SourceMeta {
+                lsn,
+                xid: Some(txn.xid),
+                commit_time_micros: Some(txn.commit_time_micros),
+            },
+            before,
+            after,
+        })
+    }
+
+    async fn handle(
+        &mut self,
+        data: &[u8],
+        lsn: Lsn,
+        out: &mut Vec<ChangeEvent>,
+    ) -> Result<(), PgError> {
+        let msg = decode(data).map_err(|e| PgError::Decode {
+            lsn,
+            reason: e.to_string(),
+        })?;
+        match msg {
+            LogicalMessage::Relation(body) => self.relation(body).await?,
+            LogicalMessage::Insert { relation_id, new } => {
+                let table = self.table_of(relation_id, lsn)?;
+                let after = tuple_row(&table, &new)?;
+                out.push(self.event(table, Op::Insert, None, Some(after), lsn)?);
+            }
+            LogicalMessage::Update {
+                relation_id,
+                old,
+                new,
+            } => {
+                let table = self.table_of(relation_id, lsn)?;
+                let (before, full) = match &old {
+                    Some(OldTuple::Key(t)) => (Some(tuple_row(&table, t)?), false),
+                    Some(OldTuple::Full(t)) => (Some(tuple_row(&table, t)?), true),
+                    None => (None, false),
+                };
+                let mut after = tuple_row(&table, &new)?;
+                if full {
+                    if let Some(b) = &before {
+                        for (a, old) in after.iter_mut().zip(b) {
+                            if matches!(a, Value::Unchanged) {
+                                a.clone_from(old);
+                            }
+                        }
+                    }
+                }
+                out.push(self.event(table, Op::Update, before, Some(after), lsn)?);
+            }
+            LogicalMessage::Delete { relation_id, old } => {
+                let table = self.table_of(relation_id, lsn)?;
+                let (OldTuple::Key(t) | OldTuple::Full(t)) = &old;
+                let before = tuple_row(&table, t)?;
+                out.push(self.event(table, Op::Delete, Some(before), None, lsn)?);
+            }
+            LogicalMessage::Truncate { relation_ids, .. } => {
+                for id in relation_ids {
+                    let table = self.table_of(id, lsn)?;
+                    out.push(self.event(table, Op::Truncate, None, None, lsn)?);
+                }
+            }
+            LogicalMessage::Begin { .. }
+            | LogicalMessage::Commit { .. }
+            | LogicalMessage::Origin { .. }
+            | LogicalMessage::Type { .. }
+            | LogicalMessage::Message { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+/// Parses a tuple's values by the table's column types.
+fn tuple_row(table: &TableInfo, tuple: &TupleData) -> Result<Row, PgError> {
+    if tuple.0.len() != table.columns.len() {
+        return Err(PgError::Value {
+            table: table.qualified(),
+            column: "*".into(),
+            reason: format!(
+                "tuple has {} values but the relation has {} columns",
+                tuple.0.len(),
+                table.columns.len()
+            ),
+        });
+    }
+    let mut row = Vec::with_capacity(tuple.0.len());
+    for (col, v) in table.columns.iter().zip(&tuple.0) {
+        row.push(match v {
+            TupleValue::Null => Value::Null,
+            TupleValue::Unchanged => Value::Unchanged,
+            TupleValue::Text(bytes) => parse_column(table, col, bytes)?,
+            TupleValue::Binary(_) => {
+                return Err(PgError::Value {
+                    table: table.qualified(),
+                    column: col.name.clone(),
+                    reason: "binary value received although text format was requested".into(),
+                })
+            }
+        });
+    }
+    Ok(row)
+}
+
+/// Parses one text value of `col`.
+pub fn parse_column(table: &TableInfo, col: &ColumnInfo, bytes: &[u8]) -> Result<Value, PgError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| PgError::Value {
+        table: table.qualified(),
+        column: col.name.clone(),
+        reason: "value is not valid UTF-8".into(),
+    })?;
+    values::parse_text(&col.ty, text).map_err(|e| PgError::Value {
+        table: table.qualified(),
+        column: col.name.clone(),
+        reason: e.to_string(),
+    })
+}
+
+impl Source for PgSource {
+    type Error = PgError;
+
+    async fn next_batch(
+        &mut self,
+        max_events: usize,
+        max_wait: Duration,
+    ) -> Result<SourceBatch, PgError> {
+        let mut batch = SourceBatch::default();
+        let idle_wait = Duration::from_millis(200).max(max_wait);
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let wait = match deadline {
+                Some(d) => d.saturating_duration_since(tokio::time::Instant::now()),
+                None => idle_wait,
+            };
+            let repl = self
+                .repl
+                .as_mut()
+                .ok_or_else(|| PgError::Replication("the slot was not opened".into()))?;
+            let next = match tokio::time::timeout(wait, repl.recv()).await {
+                Err(_) => return Ok(batch),
+                Ok(Err(e)) => return Err(PgError::Replication(e.to_string())),
+                Ok(Ok(None)) => {
+                    return Err(PgError::Replication(
+                        "the server ended the replication stream".into(),
+                    ))
+                }
+                Ok(Ok(Some(ev))) => ev,
+            };
+            match next {
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => {
+                    self.txn = Some(Txn {
+                        xid,
+                        commit: Lsn(final_lsn.as_u64()),
+                        commit_time_micros: pg_epoch_micros_to_unix(commit_time_micros),
+                        ordinal: 0,
+                    });
+                }
+                ReplicationEvent::XLogData {
+                    wal_start, data, ..
+                } => {
+                    let before = batch.events.len();
+                    self.handle(&data, Lsn(wal_start.as_u64()), &mut batch.events)
+                        .await?;
+                    if batch.events.len() > before && deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + max_wait);
+                    }
+                }
+                ReplicationEvent::Commit { end_lsn, .. } => {
+                    self.txn = None;
+                    batch.position = Some(Position(Lsn(end_lsn.as_u64())));
+                    if deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + max_wait);
+                    }
+                }
+                ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. } => {}
+                ReplicationEvent::StoppedAt { .. } => return Ok(batch),
+            }
+            if batch.events.len() >= max_events {
+                return Ok(batch);
+            }
+        }
+    }
+
+    fn ack(&mut self, position: Position) -> Result<(), PgError> {
+        if let Some(repl) = &self.repl {
+            repl.update_applied_lsn(position.0 .0.into());
+        }
+        if self.state.delivered().is_none_or(|d| d < position.0) {
+            self.state.delivered_lsn = Some(position.0.to_string());
+            self.dirty = true;
+        }
+        if self.dirty && self.last_saved.elapsed() >= Duration::from_secs(1) {
+            self.store.commit(&self.state)?;
+            self.dirty = false;
+            self.last_saved = Instant::now();
+        }
+        Ok(())
+    }
+}

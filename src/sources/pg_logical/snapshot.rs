@@ -1,0 +1,263 @@
+//! The initial snapshot: every mapped table copied from the slot's exported
+//! snapshot, so it shows the database exactly at the slot's consistent
+//! point. Rows come out of `COPY ... TO STDOUT` (text format) and are parsed
+//! by the same code as streamed values.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio_postgres::{Client, CopyOutStream};
+
+use super::catalog::quote_ident;
+use super::{connect_plain, parse_column, query_err, values, PgError};
+use crate::event::{ChangeEvent, Lsn, Op, SeqKey, SourceMeta, TableInfo, Value};
+
+/// How often progress is logged.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Copies the mapped tables from an exported snapshot, batch by batch.
+pub struct SnapshotReader {
+    client: Client,
+    consistent_point: Lsn,
+    tables: Vec<Arc<TableInfo>>,
+    next_table: usize,
+    current: Option<Current>,
+    ordinal: u64,
+    total_rows: u64,
+    started: Instant,
+}
+
+struct Current {
+    table: Arc<TableInfo>,
+    stream: std::pin::Pin<Box<CopyOutStream>>,
+    carry: Vec<u8>,
+    rows: u64,
+    estimate: u64,
+    last_report: Instant,
+}
+
+impl SnapshotReader {
+    /// Opens a `REPEATABLE READ` transaction on the exported snapshot.
+    /// Must run before the replication connection issues another command.
+    pub async fn begin(
+        url: &str,
+        snapshot_name: &str,
+        consistent_point: Lsn,
+        tables: Vec<Arc<TableInfo>>,
+    ) -> Result<Self, PgError> {
+        let client = connect_plain(url).await?;
+        client
+            .batch_execute(&format!(
+                "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'",
+                snapshot_name.replace('\'', "''")
+            ))
+            .await
+            .map_err(query_err("importing the slot's exported snapshot"))?;
+        tracing::info!(tables = tables.len(), consistent_point = %consistent_point, "initial snapshot started");
+        Ok(SnapshotReader {
+            client,
+            consistent_point,
+            tables,
+            next_table: 0,
+            current: None,
+            ordinal: 0,
+            total_rows: 0,
+            started: Instant::now(),
+        })
+    }
+
+    /// Rows copied so far.
+    pub fn rows(&self) -> u64 {
+        self.total_rows
+    }
+
+    async fn open_next(&mut self) -> Result<bool, PgError> {
+        let Some(table) = self.tables.get(self.next_table).cloned() else {
+            return Ok(false);
+        };
+        self.next_table += 1;
+        let name = format!(
+            "{}.{}",
+            quote_ident(&table.schema),
+            quote_ident(&table.name)
+        );
+        let estimate: f32 = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT reltuples FROM pg_class WHERE oid = '{}'::regclass",
+                    name.replace('\'', "''")
+                ),
+                &[],
+            )
+            .await
+            .map_err(query_err(format!(
+                "estimating the size of {}",
+                table.qualified()
+            )))?
+            .get(0);
+        let cols = table
+            .columns
+            .iter()
+            .map(|c| quote_ident(&c.name))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let stream = self
+            .client
+            .copy_out(&format!("COPY (SELECT {cols} FROM {name}) TO STDOUT"))
+            .await
+            .map_err(query_err(format!("copying {}", table.qualified())))?;
+        tracing::info!(table = %table.qualified(), estimated_rows = estimate.max(0.0) as u64, "copying table");
+        self.current = Some(Current {
+            table,
+            stream: Box::pin(stream),
+            carry: Vec::new(),
+            rows: 0,
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            estimate: estimate.max(0.0) as u64,
+            last_report: Instant::now(),
+        });
+        Ok(true)
+    }
+
+    /// The next batch of at most `max` rows; `None` when every table is done
+    /// (the snapshot transaction is then closed).
+    pub async fn next_batch(&mut self, max: usize) -> Result<Option<Vec<ChangeEvent>>, PgError> {
+        let mut out = Vec::with_capacity(max.min(4096));
+        while out.len() < max {
+            if self.current.is_none() && !self.open_next().await? {
+                break;
+            }
+            let Some(cur) = self.current.as_mut() else {
+                break;
+            };
+            match cur.stream.next().await {
+                Some(Ok(chunk)) => {
+                    let lines = split_lines(&mut cur.carry, &chunk);
+                    for line in lines {
+                        let row = parse_line(&cur.table, &line)?;
+                        out.push(ChangeEvent {
+                            table: cur.table.clone(),
+                            op: Op::Snapshot,
+                            seq: SeqKey {
+                                commit: self.consistent_point,
+                                ordinal: self.ordinal,
+                            },
+                            meta: SourceMeta {
+                                lsn: self.consistent_point,
+                                xid: None,
+                                commit_time_micros: None,
+                            },
+                            before: None,
+                            after: Some(row),
+                        });
+                        self.ordinal += 1;
+                        cur.rows += 1;
+                        self.total_rows += 1;
+                    }
+                    if cur.last_report.elapsed() >= PROGRESS_EVERY {
+                        cur.last_report = Instant::now();
+                        report(cur, self.started);
+                    }
+                }
+                Some(Err(e)) => {
+                    return Err(query_err(format!("copying {}", cur.table.qualified()))(e))
+                }
+                None => {
+                    if !cur.carry.is_empty() {
+                        return Err(PgError::Value {
+                            table: cur.table.qualified(),
+                            column: "*".into(),
+                            reason: "COPY ended in the middle of a row".into(),
+                        });
+                    }
+                    tracing::info!(table = %cur.table.qualified(), rows = cur.rows, "table copied");
+                    self.current = None;
+                }
+            }
+        }
+        if out.is_empty() && self.current.is_none() && self.next_table >= self.tables.len() {
+            self.client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(query_err("closing the snapshot transaction"))?;
+            tracing::info!(
+                rows = self.total_rows,
+                seconds = self.started.elapsed().as_secs_f64(),
+                "initial snapshot read"
+            );
+            return Ok(None);
+        }
+        Ok(Some(out))
+    }
+}
+
+fn report(cur: &Current, started: Instant) {
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    #[allow(clippy::cast_precision_loss)]
+    let rate = cur.rows as f64 / secs;
+    let pct = if cur.estimate > 0 {
+        #[allow(clippy::cast_precision_loss)]
+        let p = (cur.rows as f64 / cur.estimate as f64 * 100.0).min(100.0);
+        format!("{p:.0}%")
+    } else {
+        "?".into()
+    };
+    tracing::info!(table = %cur.table.qualified(), rows = cur.rows, estimated_rows = cur.estimate, progress = %pct, rows_per_sec = rate as u64, "snapshot progress");
+}
+
+fn split_lines(carry: &mut Vec<u8>, chunk: &Bytes) -> Vec<Vec<u8>> {
+    carry.extend_from_slice(chunk);
+    let mut lines = Vec::new();
+    let mut start = 0;
+    while let Some(pos) = carry[start..].iter().position(|&b| b == b'\n') {
+        lines.push(carry[start..start + pos].to_vec());
+        start += pos + 1;
+    }
+    carry.drain(..start);
+    lines
+}
+
+fn parse_line(table: &TableInfo, line: &[u8]) -> Result<Vec<Value>, PgError> {
+    let fields = values::split_copy_line(line).map_err(|e| PgError::Value {
+        table: table.qualified(),
+        column: "*".into(),
+        reason: e.to_string(),
+    })?;
+    if fields.len() != table.columns.len() {
+        return Err(PgError::Value {
+            table: table.qualified(),
+            column: "*".into(),
+            reason: format!(
+                "COPY row has {} fields, expected {}",
+                fields.len(),
+                table.columns.len()
+            ),
+        });
+    }
+    table
+        .columns
+        .iter()
+        .zip(fields)
+        .map(|(col, f)| match f {
+            None => Ok(Value::Null),
+            Some(text) => parse_column(table, col, text.as_bytes()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_split_across_chunks() {
+        let mut carry = Vec::new();
+        assert!(split_lines(&mut carry, &Bytes::from_static(b"1\tab")).is_empty());
+        let lines = split_lines(&mut carry, &Bytes::from_static(b"c\n2\tx\n3"));
+        assert_eq!(lines, vec![b"1\tabc".to_vec(), b"2\tx".to_vec()]);
+        assert_eq!(carry, b"3");
+    }
+}
