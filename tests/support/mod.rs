@@ -1,0 +1,416 @@
+//! Helpers for integration tests against the local stack (`scripts/stack up`)
+//! or real servers: the same variables point the tests at either.
+//!
+//! Each test gets its own database, slot, topics and subjects (random
+//! suffix), so tests run in any order and in parallel.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value as Avro;
+use apache_avro::Schema;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{json, Value as Json};
+use tokio_postgres::{Client, NoTls};
+
+/// Where the servers are.
+pub struct Stack {
+    pub pg_url: String,
+    pub pg_admin_url: String,
+    pub brokers: String,
+    pub registry: String,
+}
+
+fn need(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!("{var} is not set: run the tests with scripts/test, or `scripts/stack up && eval \"$(scripts/stack env)\"` first")
+    })
+}
+
+impl Stack {
+    pub fn from_env() -> Stack {
+        Stack {
+            pg_url: need("PG_URL"),
+            pg_admin_url: need("PG_ADMIN_URL"),
+            brokers: need("KAFKA_BROKERS"),
+            registry: need("SCHEMA_REGISTRY_URL"),
+        }
+    }
+}
+
+/// A short random suffix for names.
+pub fn suffix() -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..8)
+        .map(|_| char::from(b'a' + rng.random_range(0..26u8)))
+        .collect()
+}
+
+/// `postgres://u:p@h:port/db` with another database name.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("url has a database");
+    format!("{base}/{db}")
+}
+
+pub async fn connect(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// A fresh database owned by the pipeline's role, dropped (with its slots) by `cleanup`.
+pub struct TestDb {
+    pub name: String,
+    /// URL as the pipeline's role.
+    pub url: String,
+    pub admin_url: String,
+    pub client: Client,
+}
+
+impl TestDb {
+    pub async fn create(stack: &Stack) -> TestDb {
+        let name = format!("t_{}", suffix());
+        let admin = connect(&stack.pg_admin_url).await;
+        let owner: String = connect(&stack.pg_url)
+            .await
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER {owner}"))
+            .await
+            .unwrap();
+        let url = with_database(&stack.pg_url, &name);
+        let client = connect(&url).await;
+        TestDb {
+            name,
+            url,
+            admin_url: stack.pg_admin_url.clone(),
+            client,
+        }
+    }
+
+    /// Drops the database's slots and the database.
+    pub async fn cleanup(self) {
+        let admin = connect(&self.admin_url).await;
+        for _ in 0..50 {
+            let rows = admin
+                .query(
+                    "SELECT slot_name::text, active FROM pg_replication_slots WHERE database = $1",
+                    &[&self.name],
+                )
+                .await
+                .unwrap();
+            if rows.iter().all(|r| !r.get::<_, bool>(1)) {
+                for r in rows {
+                    let _ = admin
+                        .execute(
+                            "SELECT pg_drop_replication_slot($1)",
+                            &[&r.get::<_, String>(0)],
+                        )
+                        .await;
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        drop(self.client);
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+
+    /// Waits until the pipeline's slot is streaming (snapshot done).
+    pub async fn wait_streaming(&self, slot: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let row = self
+                .client
+                .query_opt(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .unwrap();
+            if row.is_some_and(|r| r.get::<_, bool>(0)) {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "slot {slot} did not become active within {timeout:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A pipeline file and its mappings in a temporary folder.
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub slot: String,
+    pub name: String,
+}
+
+impl Fixture {
+    /// Writes `pipeline.yaml` plus mapping files `(file name, yaml)`.
+    pub fn new(stack: &Stack, db: &TestDb, mappings: &[(&str, String)], extra: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let name = format!("p_{}", suffix());
+        let slot = format!("unilog_{name}");
+        let files: Vec<String> = mappings.iter().map(|(f, _)| format!("  - {f}\n")).collect();
+        for (f, text) in mappings {
+            std::fs::write(dir.path().join(f), text).unwrap();
+        }
+        let text = format!(
+            "name: {name}\nsource:\n  postgres:\n    url: {}\n    snapshot: initial\nkafka:\n  brokers: {}\n  partitions: 3\nschema_registry:\n  url: {}\nmappings:\n{}state_dir: state\nbatch:\n  max_wait_ms: 10\n{extra}",
+            db.url,
+            stack.brokers,
+            stack.registry,
+            files.concat()
+        );
+        let config = dir.path().join("pipeline.yaml");
+        std::fs::write(&config, text).unwrap();
+        Fixture {
+            dir,
+            config,
+            slot,
+            name,
+        }
+    }
+
+    pub fn load(&self) -> unilog::config::LoadedConfig {
+        unilog::config::LoadedConfig::load(&self.config).unwrap()
+    }
+}
+
+/// A pipeline running in this process.
+pub struct Running {
+    pub stop: Arc<AtomicBool>,
+    pub handle: tokio::task::JoinHandle<
+        Result<unilog::pipeline::RunStats, unilog::pipeline::PipelineError>,
+    >,
+}
+
+impl Running {
+    pub fn start(fx: &Fixture) -> Running {
+        let cfg = fx.load();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = tokio::spawn(async move { unilog::pipeline::run(&cfg, flag).await });
+        Running { stop, handle }
+    }
+
+    pub async fn stop(self) -> unilog::pipeline::RunStats {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle
+            .await
+            .expect("pipeline task panicked")
+            .expect("pipeline failed")
+    }
+}
+
+/// One consumed record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<String>,
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+/// Reads `topic` from the beginning until at least `min` records arrived
+/// and the topic stayed quiet for `quiet`, or `timeout` passed.
+pub async fn consume(
+    brokers: &str,
+    topic: &str,
+    min: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Record> {
+    let brokers = brokers.to_string();
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .set("group.id", format!("test-{}", suffix()))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .create()
+            .unwrap();
+        let start = Instant::now();
+        let partitions = loop {
+            let md = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .unwrap();
+            let n = md.topics().first().map_or(0, |t| t.partitions().len());
+            if n > 0 {
+                break n;
+            }
+            assert!(start.elapsed() < timeout, "topic {topic} has no partitions");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..partitions {
+            tpl.add_partition_offset(&topic, i32::try_from(p).unwrap(), Offset::Beginning)
+                .unwrap();
+        }
+        consumer.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let mut last = Instant::now();
+        while start.elapsed() < timeout {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    let mut headers = HashMap::new();
+                    if let Some(h) = m.headers() {
+                        for hd in h.iter() {
+                            headers.insert(
+                                hd.key.to_string(),
+                                String::from_utf8_lossy(hd.value.unwrap_or_default()).into_owned(),
+                            );
+                        }
+                    }
+                    out.push(Record {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                        headers,
+                        payload: m.payload().unwrap_or_default().to_vec(),
+                    });
+                    last = Instant::now();
+                }
+                Some(Err(e)) => panic!("consume {topic}: {e}"),
+                None => {
+                    if out.len() >= min && last.elapsed() >= quiet {
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+/// Decodes Confluent-framed Avro through the registry, as a consumer would.
+pub struct Decoder {
+    registry: String,
+    http: reqwest::Client,
+    schemas: HashMap<u32, Schema>,
+}
+
+impl Decoder {
+    pub fn new(registry: &str) -> Decoder {
+        Decoder {
+            registry: registry.trim_end_matches('/').to_string(),
+            http: reqwest::Client::new(),
+            schemas: HashMap::new(),
+        }
+    }
+
+    pub async fn decode(&mut self, payload: &[u8]) -> Json {
+        assert!(
+            payload.len() > 5 && payload[0] == 0,
+            "not Confluent wire format"
+        );
+        let id = u32::from_be_bytes(payload[1..5].try_into().unwrap());
+        if !self.schemas.contains_key(&id) {
+            let body: Json = self
+                .http
+                .get(format!("{}/schemas/ids/{id}", self.registry))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let schema = Schema::parse_str(body["schema"].as_str().expect("schema text")).unwrap();
+            self.schemas.insert(id, schema);
+        }
+        let schema = &self.schemas[&id];
+        let mut body = &payload[5..];
+        let v = apache_avro::reader::datum::GenericDatumReader::builder(schema)
+            .build()
+            .unwrap()
+            .read_value(&mut body)
+            .unwrap();
+        assert!(body.is_empty(), "trailing bytes");
+        avro_json(&v)
+    }
+}
+
+/// An Avro value as plain JSON (unions unwrapped, decimals as strings).
+pub fn avro_json(v: &Avro) -> Json {
+    match v {
+        Avro::Null => Json::Null,
+        Avro::Boolean(b) => json!(b),
+        Avro::Int(i) | Avro::Date(i) | Avro::TimeMillis(i) => json!(i),
+        Avro::Long(i)
+        | Avro::TimeMicros(i)
+        | Avro::TimestampMillis(i)
+        | Avro::TimestampMicros(i)
+        | Avro::LocalTimestampMicros(i)
+        | Avro::LocalTimestampMillis(i) => json!(i),
+        Avro::Float(f) => json!(f),
+        Avro::Double(f) => json!(f),
+        Avro::String(s) | Avro::Enum(_, s) => json!(s),
+        Avro::Uuid(u) => json!(u.to_string()),
+        Avro::Bytes(b) | Avro::Fixed(_, b) => {
+            json!(b.iter().map(|x| format!("{x:02x}")).collect::<String>())
+        }
+        Avro::Decimal(d) => {
+            let bytes: Vec<u8> = d.try_into().unwrap();
+            let mut v: i128 = if bytes.first().is_some_and(|b| b & 0x80 != 0) {
+                -1
+            } else {
+                0
+            };
+            for b in bytes {
+                v = (v << 8) | i128::from(b);
+            }
+            json!(format!("unscaled:{v}"))
+        }
+        Avro::Union(_, inner) => avro_json(inner),
+        Avro::Array(items) => Json::Array(items.iter().map(avro_json).collect()),
+        Avro::Map(m) => Json::Object(m.iter().map(|(k, v)| (k.clone(), avro_json(v))).collect()),
+        Avro::Record(fields) => Json::Object(
+            fields
+                .iter()
+                .map(|(k, v)| (k.clone(), avro_json(v)))
+                .collect(),
+        ),
+        other => json!(format!("{other:?}")),
+    }
+}
+
+/// Decodes every record.
+pub async fn decode_all(dec: &mut Decoder, records: &[Record]) -> Vec<Json> {
+    let mut out = Vec::with_capacity(records.len());
+    for r in records {
+        out.push(dec.decode(&r.payload).await);
+    }
+    out
+}
+
+/// The unilog binary built for the tests.
+pub fn unilog_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_unilog"))
+}
