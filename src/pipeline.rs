@@ -25,6 +25,7 @@ use crate::sinks::kafka::{ensure_topics, KafkaSink};
 use crate::sinks::{Sink, SinkError};
 use crate::sources::pg_logical::{PgError, PgSettings, PgSource};
 use crate::sources::Source;
+use crate::telemetry::LatencyHistogram;
 
 /// Why a pipeline stopped.
 #[derive(Debug, thiserror::Error)]
@@ -54,9 +55,13 @@ pub struct RunStats {
     pub events_read: u64,
     pub events_published: u64,
     pub last_acked: Option<Position>,
+    /// Commit-to-Kafka-acknowledgement latency of streamed changes.
+    pub latency: LatencyHistogram,
 }
 
-type Pending = Pin<Box<dyn Future<Output = Result<Option<Position>, SinkError>> + Send>>;
+/// A batch's delivery: resolves to its position and its events' commit times.
+type Pending =
+    Pin<Box<dyn Future<Output = Result<(Option<Position>, Vec<i64>), SinkError>> + Send>>;
 
 /// Maps and hands batches to the sink, keeping deliveries in order.
 struct Publisher<'a, K: Sink> {
@@ -77,9 +82,11 @@ impl<K: Sink> Publisher<'_, K> {
     ) -> Result<Vec<Position>, PipelineError> {
         self.stats.events_read += events.len() as u64;
         let mut out: Vec<DomainEvent> = Vec::with_capacity(events.len());
+        let mut commit_times = Vec::new();
         for ev in &events {
             if let Some(d) = self.mapper.map(ev)? {
                 out.push(d);
+                commit_times.extend(ev.meta.commit_time_micros);
             }
         }
         self.stats.events_published += out.len() as u64;
@@ -92,11 +99,12 @@ impl<K: Sink> Publisher<'_, K> {
             return Ok(done);
         }
         let delivery = self.sink.write(out).await?;
-        self.inflight
-            .push_back(Box::pin(delivery.map(move |r| r.map(|()| position))));
+        self.inflight.push_back(Box::pin(
+            delivery.map(move |r| r.map(|()| (position, commit_times))),
+        ));
         while self.inflight.len() > self.max_in_flight {
             if let Some(res) = self.inflight.next().await {
-                done.extend(res?);
+                done.extend(self.delivered(res?));
             }
         }
         done.extend(self.completed()?);
@@ -107,7 +115,7 @@ impl<K: Sink> Publisher<'_, K> {
     fn completed(&mut self) -> Result<Vec<Position>, PipelineError> {
         let mut done = Vec::new();
         while let Some(Some(res)) = self.inflight.next().now_or_never() {
-            done.extend(res?);
+            done.extend(self.delivered(res?));
         }
         Ok(done)
     }
@@ -116,9 +124,23 @@ impl<K: Sink> Publisher<'_, K> {
     async fn drain(&mut self) -> Result<Vec<Position>, PipelineError> {
         let mut done = Vec::new();
         while let Some(res) = self.inflight.next().await {
-            done.extend(res?);
+            done.extend(self.delivered(res?));
         }
         Ok(done)
+    }
+
+    /// Records the latency of a confirmed batch; returns its position.
+    fn delivered(
+        &mut self,
+        (position, commit_times): (Option<Position>, Vec<i64>),
+    ) -> Option<Position> {
+        if !commit_times.is_empty() {
+            let now = chrono::Utc::now().timestamp_micros();
+            for t in commit_times {
+                self.stats.latency.record_micros(now - t);
+            }
+        }
+        position
     }
 }
 
