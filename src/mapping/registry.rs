@@ -80,6 +80,14 @@ struct CompatBody {
     messages: Vec<serde_json::Value>,
 }
 
+/// The `message` of an error body, or the body's start.
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<ErrorBody>(body).map_or_else(
+        |_| String::from_utf8_lossy(body).chars().take(200).collect(),
+        |b| b.message,
+    )
+}
+
 /// Registry client. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct RegistryClient {
@@ -142,6 +150,20 @@ impl RegistryClient {
         Ok((status, body))
     }
 
+    async fn post_schema(
+        &self,
+        url: String,
+        schema: &str,
+        what: &str,
+    ) -> Result<(u16, bytes::Bytes), RegistryError> {
+        let req = self
+            .http
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(json!({"schema": schema}).to_string());
+        self.send(req, what).await
+    }
+
     fn http_error(status: u16, body: &[u8], what: &str) -> RegistryError {
         let parsed: Option<ErrorBody> = serde_json::from_slice(body).ok();
         RegistryError::Http {
@@ -182,15 +204,7 @@ impl RegistryClient {
             self.base,
             Self::subject_path(subject)
         );
-        let (status, body) = self
-            .send(
-                self.http
-                    .post(url)
-                    .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-                    .body(json!({"schema": schema}).to_string()),
-                &what,
-            )
-            .await?;
+        let (status, body) = self.post_schema(url, schema, &what).await?;
         match status {
             200 => {
                 let c: CompatBody = Self::parse(&body, &what, status)?;
@@ -210,13 +224,10 @@ impl RegistryClient {
             }
             // Karapace answers 404 for a subject with no versions yet.
             404 => Ok(Vec::new()),
-            422 => {
-                let e: Option<ErrorBody> = serde_json::from_slice(&body).ok();
-                Err(RegistryError::InvalidSchema {
-                    subject: subject.to_string(),
-                    message: e.map(|e| e.message).unwrap_or_default(),
-                })
-            }
+            422 => Err(RegistryError::InvalidSchema {
+                subject: subject.to_string(),
+                message: error_message(&body),
+            }),
             _ => Err(Self::http_error(status, &body, &what)),
         }
     }
@@ -229,15 +240,7 @@ impl RegistryClient {
     ) -> Result<Option<SubjectVersion>, RegistryError> {
         let what = format!("the lookup of a schema under subject `{subject}`");
         let url = format!("{}/subjects/{}", self.base, Self::subject_path(subject));
-        let (status, body) = self
-            .send(
-                self.http
-                    .post(url)
-                    .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-                    .body(json!({"schema": schema}).to_string()),
-                &what,
-            )
-            .await?;
+        let (status, body) = self.post_schema(url, schema, &what).await?;
         match status {
             200 => Ok(Some(Self::parse(&body, &what, status)?)),
             404 => Ok(None),
@@ -253,31 +256,17 @@ impl RegistryClient {
             self.base,
             Self::subject_path(subject)
         );
-        let (status, body) = self
-            .send(
-                self.http
-                    .post(url)
-                    .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
-                    .body(json!({"schema": schema}).to_string()),
-                &what,
-            )
-            .await?;
+        let (status, body) = self.post_schema(url, schema, &what).await?;
         match status {
             200 => Ok(Self::parse::<IdBody>(&body, &what, status)?.id),
-            409 => {
-                let e: Option<ErrorBody> = serde_json::from_slice(&body).ok();
-                Err(RegistryError::Incompatible {
-                    subject: subject.to_string(),
-                    messages: vec![e.map(|e| e.message).unwrap_or_default()],
-                })
-            }
-            422 => {
-                let e: Option<ErrorBody> = serde_json::from_slice(&body).ok();
-                Err(RegistryError::InvalidSchema {
-                    subject: subject.to_string(),
-                    message: e.map(|e| e.message).unwrap_or_default(),
-                })
-            }
+            409 => Err(RegistryError::Incompatible {
+                subject: subject.to_string(),
+                messages: vec![error_message(&body)],
+            }),
+            422 => Err(RegistryError::InvalidSchema {
+                subject: subject.to_string(),
+                message: error_message(&body),
+            }),
             _ => Err(Self::http_error(status, &body, &what)),
         }
     }
