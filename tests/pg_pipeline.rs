@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::{json, Value as Json};
 use support::*;
 
-const WAIT: Duration = Duration::from_secs(60);
+const WAIT: Duration = Duration::from_secs(120);
 
 fn users_mapping(topic: &str) -> String {
     format!(

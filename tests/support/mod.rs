@@ -136,24 +136,28 @@ impl TestDb {
             .await;
     }
 
-    /// Waits until the pipeline's slot is streaming (snapshot done).
+    /// Waits until the pipeline streams from its slot (initial snapshot
+    /// done). A slot is also "active" while it is being created, so this
+    /// looks at the walsender's state instead.
     pub async fn wait_streaming(&self, slot: &str, timeout: Duration) {
         let start = Instant::now();
+        let app = format!("unilog-{slot}");
+        // pg_stat_replication shows `state` only to privileged roles.
+        let admin = connect(&self.admin_url).await;
         loop {
-            let row = self
-                .client
+            let row = admin
                 .query_opt(
-                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
+                    "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state IN ('catchup', 'streaming')",
+                    &[&app],
                 )
                 .await
                 .unwrap();
-            if row.is_some_and(|r| r.get::<_, bool>(0)) {
+            if row.is_some() {
                 return;
             }
             assert!(
                 start.elapsed() < timeout,
-                "slot {slot} did not become active within {timeout:?}"
+                "slot {slot} is not streaming after {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
