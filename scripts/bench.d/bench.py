@@ -2,19 +2,24 @@
 """scripts/bench.d/bench.py: the unilog benchmark. Run it through `scripts/bench`, which starts the
 stack, builds the release binary and sets the environment this file reads.
 
-What it measures, on one fresh database, one WAL, one machine (see docs/BENCHMARKS.md):
+One fresh database, one WAL, one machine (docs/BENCHMARKS.md explains the method and the figures):
 
-  1. load     N row changes (inserts, updates, deletes) in mixed-size transactions, written with
-              psql as fast as it goes, while nothing reads the slots (a backlog).
-  2. baseline pg_recvlogical reads that backlog from its own pgoutput slot (same publication) to
-              /dev/null: the rate at which PostgreSQL emits the changes. changes/s = N / wall time.
-  3. backlog  unilog starts on the same backlog (its own slot, created before the load) and runs
-              until its slot's confirmed_flush_lsn says Kafka has confirmed the last transaction.
-  4. live     unilog restarted, caught up and idle; another N changes are written while it
-              streams; per-transaction latency from commit to "slot confirmed".
+  1. load      N row changes (inserts, updates, deletes) in transactions of 1 to 500 rows, written
+               with psql as fast as it goes while no slot is read (a backlog). Both slots, and
+               unilog's publication, exist before it.
+  2. baseline  pg_recvlogical reads that backlog from its own pgoutput slot (same publication) to
+               /dev/null: the rate at which PostgreSQL emits the changes. N / wall time.
+  3. backlog   unilog starts on the same backlog and runs until its slot's confirmed_flush_lsn
+               covers the last transaction. A follower tails the topic meanwhile, so the time the
+               last event became readable at the broker is known to a few ms (the slot moves
+               only when unilog sends a status update, once a second).
+  4. live      unilog restarted and idle; another N changes are written while it streams.
+               Per event: commit -> produced (record timestamp), commit -> readable at the broker
+               (follower), commit -> slot confirmed.
 
-Only the Python standard library; PostgreSQL is reached through psql (a long-lived psql coprocess
-for the 20 ms polls). Every wait has a deadline; everything created is dropped at the end.
+Standard library only; PostgreSQL through psql (a long-lived psql session for the 20 ms polls),
+Kafka through a minimal Fetch client (read-only). Every wait has a deadline; what the run created
+(database, slots, topic, registry subject, temporary files) is removed at the end.
 """
 
 import argparse
@@ -76,6 +81,18 @@ def with_db(url, db):
     return urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + db, u.query, u.fragment))
 
 
+def pg_target(url):
+    """(URL without its password, environment with PGPASSWORD): passwords stay out of argv."""
+    u = urllib.parse.urlsplit(url)
+    env = dict(os.environ, PGCONNECT_TIMEOUT="10")
+    if u.password is None:
+        return url, env
+    env["PGPASSWORD"] = urllib.parse.unquote(u.password)
+    netloc = u.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urllib.parse.urlunsplit((u.scheme, f"{user}@{netloc[1]}", u.path, u.query, u.fragment)), env
+
+
 def mask(url):
     return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
 
@@ -113,6 +130,7 @@ def quantiles(pairs):
 
 
 def proc_ctx_switches(pid):
+    """Voluntary + involuntary context switches of a live process (in the JSON output)."""
     v = proc_status_kb(pid, "voluntary_ctxt_switches")
     nv = proc_status_kb(pid, "nonvoluntary_ctxt_switches")
     return None if v is None or nv is None else v + nv
@@ -135,7 +153,7 @@ class Psql:
     def __init__(self, psql, url, timeout=15):
         self.timeout = timeout
         self.err = tempfile.TemporaryFile()
-        env = dict(os.environ, PGCONNECT_TIMEOUT="10")
+        url, env = pg_target(url)
         self.p = subprocess.Popen(
             [psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", url],
             stdin=subprocess.PIPE,
@@ -183,10 +201,10 @@ class Psql:
 
 def sql(psql, url, query, timeout=60):
     """Runs one statement with a fresh psql; returns rows."""
-    env = dict(os.environ, PGCONNECT_TIMEOUT="10")
+    target, env = pg_target(url)
     try:
         r = subprocess.run(
-            [psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", query, url],
+            [psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", query, target],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -375,7 +393,7 @@ class TopicFollower(threading.Thread):
                 answer = self.conn.fetch(dict(self.next), 5)
                 now = time.time()
                 for part, recs in answer.items():
-                    for base, last, count, _, _ in record_batches(recs):
+                    for base, last, _, _, _ in record_batches(recs):
                         first = max(base, self.next[part])
                         if last < first:
                             continue
@@ -482,7 +500,7 @@ class Generator:
                     "SELECT g, g % 5000, 'new', ((g * 7919) % 100000) / 100.0, "
                     "jsonb_build_object('sku', 'SKU-' || g, 'qty', g % 7, 'channel', 'web', "
                     "'note', repeat('x', (20 + g % 80)::int), 'tags', jsonb_build_array('a', 'b')), "
-                    f"now() FROM generate_series({a}, {b}) g;"
+                    f"now() FROM generate_series({a}::bigint, {b}::bigint) g;"
                 )
             if upd:
                 ids = ",".join(map(str, upd))
@@ -568,7 +586,6 @@ class Bench:
         self.children = []  # Popen objects we started and must not leave behind
         self.created_db = False
         self.unilog_runs = 0
-        self.results = {}
         self.warnings = []
         self.reader = None
         self.reader_failed = False
@@ -579,7 +596,8 @@ class Bench:
         a = self.args
         log(f"database {self.db}, slots {self.unilog_slot} (unilog) and {self.base_slot} "
             f"(pg_recvlogical), publication {self.publication}, topic {self.topic}")
-        sql(self.psql, self.admin_url, f"CREATE DATABASE {self.db} OWNER unilog")
+        owner = urllib.parse.urlsplit(self.pg_url).username or "unilog"
+        sql(self.psql, self.admin_url, f'CREATE DATABASE {self.db} OWNER "{owner}"')
         self.created_db = True
         sql(self.psql, self.db_url, """
             CREATE TABLE items (
@@ -634,15 +652,16 @@ state_dir: state
         logf = os.path.join(self.tmp, f"unilog-{self.unilog_runs}-{tag}.log")
         env = dict(os.environ)
         env.pop("RUST_LOG", None)
-        p = subprocess.Popen(
-            [self.unilog, "--log-format", "json", "run", "--config", self.config],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=open(logf, "w"),
-            cwd=self.tmp,
-            env=env,
-            start_new_session=True,
-        )
+        with open(logf, "w") as err:
+            p = subprocess.Popen(
+                [self.unilog, "--log-format", "json", "run", "--config", self.config],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                cwd=self.tmp,
+                env=env,
+                start_new_session=True,
+            )
         self.children.append(p)
         return p, logf
 
@@ -655,7 +674,7 @@ state_dir: state
     def tail(path, n=15):
         try:
             with open(path) as f:
-                return "".join(f.readlines()[-n:])
+                return "".join(f.readlines()[-n:]) or "(its log is empty)"
         except OSError:
             return "(no log)"
 
@@ -710,10 +729,11 @@ state_dir: state
         out_path = os.path.join(self.tmp, f"load-{tag}.out")
         with open(out_path, "w") as out:
             t0 = time.time()
+            target, env = pg_target(self.db_url)
             p = subprocess.Popen(
-                [self.psql, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", path, self.db_url],
+                [self.psql, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", path, target],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.PIPE,
-                env=dict(os.environ, PGCONNECT_TIMEOUT="10"), start_new_session=True)
+                env=env, start_new_session=True)
             self.children.append(p)
         return p, t0, out_path
 
@@ -739,16 +759,17 @@ state_dir: state
         a = self.args
         poll = Psql(self.psql, self.admin_url)
         try:
-            cmd = [self.recvlogical, "-d", self.db_url, "--slot", self.base_slot, "--start",
+            target, env = pg_target(self.db_url)
+            cmd = [self.recvlogical, "-d", target, "--slot", self.base_slot, "--start",
                    "-o", "proto_version=1", "-o", f"publication_names={self.publication}",
                    "--endpos", lsn_fmt(end_lsn), "-f", "/dev/null"]
             t0 = time.time()
             p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, start_new_session=True,
-                                 env=dict(os.environ, PGCONNECT_TIMEOUT="10"))
+                                 stderr=subprocess.PIPE, start_new_session=True, env=env)
             self.children.append(p)
             wal_pid = None
             wal_cpu = None
+            wal_ctx = None
             client_cpu = None
             deadline = time.monotonic() + a.timeout
             while True:
@@ -771,6 +792,7 @@ state_dir: state
                     c = proc_cpu_seconds(wal_pid)
                     if c is not None:
                         wal_cpu = c
+                        wal_ctx = proc_ctx_switches(wal_pid)
                 time.sleep(0.01)
             err = p.stderr.read()
             if p.returncode != 0:
@@ -779,7 +801,7 @@ state_dir: state
             poll.close()
         secs = t1 - t0
         return {"seconds": secs, "rate": a.changes / secs, "walsender_cpu_s": wal_cpu,
-                "client_cpu_s": client_cpu}
+                "walsender_ctx_switches": wal_ctx, "client_cpu_s": client_cpu}
 
     def stream_phase(self, tag, txns_known=None, live=None):
         """Starts unilog and polls its slot every poll_ms until it confirmed the load's last
@@ -1016,8 +1038,18 @@ state_dir: state
             return "(perf report timed out)"
         keep = os.path.join(self.args.perf_out or self.tmp, f"perf-{self.sfx}.txt")
         os.makedirs(os.path.dirname(keep), exist_ok=True)
+        try:
+            inclusive = subprocess.run(
+                ["perf", "report", "-i", data, "--stdio", "--children", "--sort", "symbol",
+                 "--percent-limit", "4", "-g", "none"],
+                capture_output=True, text=True, timeout=300).stdout
+        except subprocess.TimeoutExpired:
+            inclusive = "(timed out)"
         with open(keep, "w") as f:
-            f.write(r.stdout)
+            f.write("# self time by dso,symbol\n" + r.stdout + "\n# inclusive time (children) by symbol\n"
+                    + inclusive)
+        if self.args.perf_out:
+            shutil.copy(data, os.path.join(self.args.perf_out, f"perf-{self.sfx}.data"))
         lines = [re.sub(r"(\s+-)+\s*$", "", l).rstrip() for l in r.stdout.splitlines()
                  if l.strip() and not l.startswith("#")]
         return {"file": keep, "top": lines[:25]}
@@ -1070,7 +1102,12 @@ state_dir: state
                 r = subprocess.run([tansu, "topic", "delete", "--broker", f"tcp://{broker}", self.topic],
                                    capture_output=True, text=True, timeout=30)
                 if r.returncode != 0:
-                    problems.append(f"deleting topic {self.topic}: {r.stderr.strip()}")
+                    # fine when unilog never created it
+                    listed = subprocess.run([tansu, "topic", "list", "--broker", f"tcp://{broker}"],
+                                            capture_output=True, text=True, timeout=30)
+                    if listed.returncode != 0 or f'"{self.topic}"' in listed.stdout:
+                        problems.append(f"deleting topic {self.topic}: "
+                                        f"{(r.stderr or r.stdout).strip() or f'exit {r.returncode}'}")
             except (OSError, subprocess.TimeoutExpired) as e:
                 problems.append(f"deleting topic {self.topic}: {e}")
         elif self.unilog_runs:
@@ -1132,8 +1169,9 @@ def machine_info(b):
                                    "ORDER BY name"))
     info["pg_recvlogical"] = run([b.recvlogical, "--version"])
     info["unilog"] = run([b.unilog, "--version"])
-    git = run(["git", "-C", REPO, "describe", "--always", "--dirty"])
-    info["git"] = git
+    git = run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"])
+    dirty = run(["git", "-C", REPO, "status", "--porcelain", "--", "src", "Cargo.toml", "Cargo.lock"])
+    info["git"] = git + (" + uncommitted src" if dirty else "")
     tansu = b.env.get("TANSU_BIN")
     info["broker"] = (os.path.basename(tansu) + " (memory storage)") if tansu else f"external {b.brokers}"
     info["rustc"] = run(["rustc", "--version"])
@@ -1226,7 +1264,7 @@ HISTORY_END = "<!-- bench:history:end -->"
 LATEST_START = "<!-- bench:latest:start -->"
 LATEST_END = "<!-- bench:latest:end -->"
 HISTORY_HEADER = (
-    "| date (UTC) | commit | changes | pg_recvlogical changes/s | unilog backlog events/s: at broker "
+    "| date (UTC) | commit | options | pg_recvlogical changes/s | unilog backlog events/s: at broker "
     "(slot confirmed) | ratio | unilog live events/s: at broker (load rate) | "
     "commit→at broker p50 / p99 ms | commit→Kafka ack p50 / p99 ms (unilog) | "
     "peak RSS MB | load avg at start |\n"
@@ -1238,7 +1276,7 @@ def history_row(r):
     m, base, back, live = r["machine"], r["baseline"], r["backlog"], r["live"]
     rate, _ = headline(back)
     bl = live.get("broker_ms")
-    return (f"| {r['date']} | {m['git']} | {r['changes']:,} | {fmt(base['rate'])} | "
+    return (f"| {r['date']} | {m['git']} | {r['options'] or 'defaults'} | {fmt(base['rate'])} | "
             f"{fmt(back.get('rate_broker'))} ({fmt(back['rate_streaming'])}) | "
             f"{ratio(rate, base['rate'])} | "
             f"{fmt(live.get('rate_broker'))} ({fmt(live['load_rate'])}) | "
@@ -1249,7 +1287,7 @@ def history_row(r):
 def latest_block(r):
     m = r["machine"]
     lines = [
-        f"Last run: {r['date']} UTC, `scripts/bench {' '.join(r['argv'])}`".rstrip() + "\n",
+        f"Last run: {r['date']} UTC, `{('scripts/bench ' + r['options']).strip()}`",
         "",
         f"- machine: {m['nproc']} cores ({m.get('cpu', '?')}), {m.get('ram_gb', 0):.1f} GB RAM, "
         f"Linux {m['kernel']}; load average at start {m.get('loadavg', '?')}, "
@@ -1296,6 +1334,24 @@ def update_doc(r):
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+MEASUREMENT_OPTIONS = ("changes", "max_txn", "live_rate", "synchronous_commit", "partitions",
+                       "settle", "no_follow", "perf")
+
+
+def measurement_options(args):
+    """The options that change what is measured, as they would be typed (defaults left out)."""
+    defaults = {"changes": 200_000, "max_txn": 500, "live_rate": 0, "synchronous_commit": "on",
+                "partitions": 3, "settle": 2.0, "no_follow": False, "perf": False}
+    out = []
+    for name in MEASUREMENT_OPTIONS:
+        v = getattr(args, name)
+        if v == defaults[name]:
+            continue
+        flag = "--" + name.replace("_", "-")
+        out.append(flag if isinstance(v, bool) else f"{flag} {v:g}" if isinstance(v, float) else f"{flag} {v}")
+    return " ".join(out)
 
 
 def cleanup_stale(psql, admin_url):
@@ -1398,7 +1454,7 @@ def main():
 
         results = {
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-            "argv": sys.argv[1:],
+            "options": measurement_options(args),
             "changes": args.changes,
             "seed": seed,
             "machine": machine,
