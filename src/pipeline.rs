@@ -84,9 +84,9 @@ impl<K: Sink> Publisher<'_, K> {
         let mut out: Vec<DomainEvent> = Vec::with_capacity(events.len());
         let mut commit_times = Vec::new();
         for ev in &events {
-            if let Some(d) = self.mapper.map(ev)? {
-                out.push(d);
-                commit_times.extend(ev.meta.commit_time_micros);
+            let n = self.mapper.map_into(ev, &mut out)?;
+            if let Some(t) = ev.meta.commit_time_micros {
+                commit_times.extend(std::iter::repeat_n(t, n));
             }
         }
         self.stats.events_published += out.len() as u64;

@@ -257,6 +257,23 @@ impl Mapper {
         Ok(out)
     }
 
+    /// Maps one change into every record it publishes (the domain event,
+    /// and any further envelope a mapping asks for), appended to `out`.
+    /// Returns how many were appended.
+    pub fn map_into(
+        &mut self,
+        ev: &ChangeEvent,
+        out: &mut Vec<DomainEvent>,
+    ) -> Result<usize, MappingError> {
+        match self.map(ev)? {
+            Some(d) => {
+                out.push(d);
+                Ok(1)
+            }
+            None => Ok(0),
+        }
+    }
+
     /// Maps one change. `Ok(None)` when the table is not mapped or the
     /// operation is not published (truncate without an event name).
     pub fn map(&mut self, ev: &ChangeEvent) -> Result<Option<DomainEvent>, MappingError> {
