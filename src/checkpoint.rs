@@ -20,6 +20,9 @@ pub struct PgCheckpoint {
     pub snapshot_complete: bool,
     /// Last commit end LSN whose events Kafka confirmed.
     pub delivered_lsn: Option<String>,
+    /// The error that last stopped the pipeline, with its time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 impl PgCheckpoint {

@@ -205,6 +205,27 @@ pub struct PipelineConfig {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub batch: BatchConfig,
+    /// The HTTP endpoint for `/metrics`, `/health` and `/ready` (off when absent).
+    pub http: Option<HttpConfig>,
+}
+
+/// Default time without progress after which `/ready` fails.
+pub const DEFAULT_STALL_TIMEOUT_SECS: u64 = 60;
+
+/// Where unilog serves metrics and health probes.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// `host:port`, e.g. `127.0.0.1:9187`.
+    pub listen: String,
+    /// `/ready` fails when changes wait longer than this without an
+    /// acknowledgement, or the pipeline loop does not run for this long.
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout_secs: u64,
+}
+
+fn default_stall_timeout() -> u64 {
+    DEFAULT_STALL_TIMEOUT_SECS
 }
 
 fn default_state_dir() -> PathBuf {
@@ -394,6 +415,17 @@ impl LoadedConfig {
         }
         if c.mappings.is_empty() {
             return Err(self.err("mappings", "lists no mapping file; add at least one"));
+        }
+        if let Some(http) = &c.http {
+            if http.listen.parse::<std::net::SocketAddr>().is_err() {
+                return Err(self.err(
+                    "http.listen",
+                    format!("`{}` is not an address like 127.0.0.1:9187", http.listen),
+                ));
+            }
+            if http.stall_timeout_secs == 0 {
+                return Err(self.err("http.stall_timeout_secs", "must be at least 1"));
+            }
         }
         if c.batch.max_events == 0 || c.batch.max_in_flight == 0 {
             return Err(self.err(

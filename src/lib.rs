@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod event;
+pub mod http;
 pub mod mapping;
 pub mod pipeline;
 pub mod sinks;

@@ -7,9 +7,12 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tracing::Instrument;
 
 use unilog::checkpoint::{CheckpointStore, FileCheckpointStore};
 use unilog::config::LoadedConfig;
+use unilog::mapping::registry::RegistryClient;
+use unilog::mapping::spec::LoadedMapping;
 use unilog::pipeline;
 use unilog::sources::pg_logical::connect_plain;
 use unilog::telemetry::{self, LogFormat};
@@ -113,9 +116,21 @@ async fn run(config: PathBuf) -> ExitCode {
         tracing::warn!("second stop request; exiting without draining");
         std::process::exit(130);
     });
+    if let Some(http) = cfg.config.http.clone() {
+        let Ok(addr) = http.listen.parse() else {
+            eprintln!("error: http.listen `{}` is not an address", http.listen);
+            return ExitCode::from(2);
+        };
+        let stall = std::time::Duration::from_secs(http.stall_timeout_secs);
+        tokio::spawn(async move {
+            if let Err(e) = unilog::http::serve(addr, stall).await {
+                tracing::error!(error = %e, address = %addr, "cannot serve /metrics, /health and /ready");
+            }
+        });
+    }
     let span = tracing::info_span!("pipeline", pipeline = %cfg.config.name);
-    let _enter = span.enter();
-    match pipeline::run(&cfg, stop).await {
+    let result = pipeline::run(&cfg, stop).instrument(span).await;
+    match result {
         Ok(stats) => {
             tracing::info!(
                 events = stats.events_published,
@@ -126,8 +141,24 @@ async fn run(config: PathBuf) -> ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "pipeline stopped");
+            unilog::telemetry::health().failed(&cfg.config.name, &e.to_string());
+            record_error(&cfg, &e.to_string());
             eprintln!("error: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Keeps the last error in the pipeline's checkpoint, for `unilog status`.
+fn record_error(cfg: &LoadedConfig, error: &str) {
+    let mut store = FileCheckpointStore::new(&cfg.state_dir(), &cfg.config.name);
+    if let Ok(mut state) = store.load() {
+        state.last_error = Some(format!(
+            "{}: {error}",
+            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+        ));
+        if let Err(e) = store.commit(&state) {
+            tracing::warn!(error = %e, "cannot record the error in the checkpoint");
         }
     }
 }
@@ -192,6 +223,26 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         ),
         None => (None, None, None, None, None),
     };
+    // Topics and the registry's latest schema version of each.
+    let reg = &cfg.config.schema_registry;
+    let registry = RegistryClient::new(&reg.url, reg.username.clone(), reg.password.clone())?;
+    let mut topics = Vec::new();
+    for p in &cfg.config.mappings {
+        let m = LoadedMapping::load(&cfg.resolve(p))?;
+        let subject = format!("{}-value", m.spec.topic);
+        let latest = match registry.latest(&subject).await {
+            Ok(Some(v)) => serde_json::json!({"version": v.version, "id": v.id}),
+            Ok(None) => serde_json::json!(null),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+        topics.push(serde_json::json!({
+            "table": m.qualified_table(),
+            "topic": m.spec.topic,
+            "subject": subject,
+            "schema": latest,
+        }));
+    }
+    let snapshot_complete = state.snapshot_complete && state.slot == slot;
     if json {
         let v = serde_json::json!({
             "pipeline": cfg.config.name,
@@ -202,36 +253,55 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
             "confirmed_flush_lsn": confirmed,
             "retained_wal_bytes": retained,
             "lag_bytes": lag,
-            "snapshot_complete": state.snapshot_complete && state.slot == slot,
+            "snapshot_complete": snapshot_complete,
             "delivered_lsn": state.delivered_lsn,
+            "last_error": state.last_error,
+            "topics": topics,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     let show = |o: Option<String>| o.unwrap_or_else(|| "-".into());
-    println!("pipeline            {}", cfg.config.name);
+    let lines = [
+        ("pipeline", cfg.config.name.clone()),
+        (
+            "slot",
+            format!(
+                "{slot} ({})",
+                if row.is_some() { "exists" } else { "missing" }
+            ),
+        ),
+        ("slot active", show(active.map(|a| a.to_string()))),
+        ("wal status", show(wal_status)),
+        ("confirmed flush", show(confirmed)),
+        ("delivered (local)", show(state.delivered_lsn.clone())),
+        ("retained WAL", show(retained.map(|b| format!("{b} bytes")))),
+        ("lag", show(lag.map(|b| format!("{b} bytes")))),
+        ("snapshot complete", snapshot_complete.to_string()),
+        ("last error", show(state.last_error.clone())),
+    ];
+    for (k, v) in lines {
+        println!("{k:<19} {v}");
+    }
+    println!();
     println!(
-        "slot                {slot} ({})",
-        if row.is_some() { "exists" } else { "missing" }
+        "{:<28} {:<32} SCHEMA (subject version / id)",
+        "TABLE", "TOPIC"
     );
-    println!(
-        "slot active         {}",
-        show(active.map(|a| a.to_string()))
-    );
-    println!("wal status          {}", show(wal_status));
-    println!("confirmed flush     {}", show(confirmed));
-    println!("delivered (local)   {}", show(state.delivered_lsn.clone()));
-    println!(
-        "retained WAL        {}",
-        show(retained.map(|b| format!("{b} bytes")))
-    );
-    println!(
-        "lag                 {}",
-        show(lag.map(|b| format!("{b} bytes")))
-    );
-    println!(
-        "snapshot complete   {}",
-        state.snapshot_complete && state.slot == slot
-    );
+    for t in &topics {
+        let schema = match &t["schema"] {
+            serde_json::Value::Null => "not registered".to_string(),
+            v if v.get("error").is_some() => format!(
+                "registry error: {}",
+                v["error"].as_str().unwrap_or_default()
+            ),
+            v => format!("v{} / id {}", v["version"], v["id"]),
+        };
+        println!(
+            "{:<28} {:<32} {schema}",
+            t["table"].as_str().unwrap_or_default(),
+            t["topic"].as_str().unwrap_or_default()
+        );
+    }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! batches. Deliveries complete in order, and a batch's source position is
 //! acknowledged only after it and every batch before it are confirmed.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,9 +24,9 @@ use crate::mapping::spec::LoadedMapping;
 use crate::mapping::{DomainEvent, Mapper, MappingError};
 use crate::sinks::kafka::{ensure_topics, KafkaSink};
 use crate::sinks::{Sink, SinkError};
-use crate::sources::pg_logical::{PgError, PgSettings, PgSource};
+use crate::sources::pg_logical::{connect_plain, PgError, PgSettings, PgSource};
 use crate::sources::Source;
-use crate::telemetry::LatencyHistogram;
+use crate::telemetry::{health, metrics, names, LatencyHistogram, Phase};
 
 /// Why a pipeline stopped.
 #[derive(Debug, thiserror::Error)]
@@ -59,15 +60,27 @@ pub struct RunStats {
     pub latency: LatencyHistogram,
 }
 
-/// A batch's delivery: resolves to its position and its events' commit times.
-type Pending =
-    Pin<Box<dyn Future<Output = Result<(Option<Position>, Vec<i64>), SinkError>> + Send>>;
+/// What is known of a batch handed to the sink.
+struct BatchInfo {
+    position: Option<Position>,
+    /// Commit time of each published record (streamed changes only).
+    commit_times: Vec<i64>,
+    handed_over: Instant,
+    /// Records published per table.
+    per_table: Vec<(String, u64)>,
+}
+
+/// A batch's delivery: resolves to what is known of the batch.
+type Pending = Pin<Box<dyn Future<Output = Result<BatchInfo, SinkError>> + Send>>;
 
 /// Maps and hands batches to the sink, keeping deliveries in order.
 struct Publisher<'a, K: Sink> {
+    pipeline: String,
     sink: &'a K,
     mapper: &'a mut Mapper,
     inflight: FuturesOrdered<Pending>,
+    /// Oldest commit time of each in-flight batch, in order.
+    inflight_oldest: VecDeque<Option<i64>>,
     max_in_flight: usize,
     stats: RunStats,
 }
@@ -83,11 +96,33 @@ impl<K: Sink> Publisher<'_, K> {
         self.stats.events_read += events.len() as u64;
         let mut out: Vec<DomainEvent> = Vec::with_capacity(events.len());
         let mut commit_times = Vec::new();
+        // (table, read, published), few tables per batch.
+        let mut tables: Vec<(Arc<TableInfo>, u64, u64)> = Vec::new();
         for ev in &events {
             let n = self.mapper.map_into(ev, &mut out)?;
             if let Some(t) = ev.meta.commit_time_micros {
                 commit_times.extend(std::iter::repeat_n(t, n));
             }
+            match tables
+                .iter_mut()
+                .find(|(t, _, _)| Arc::ptr_eq(t, &ev.table))
+            {
+                Some(entry) => {
+                    entry.1 += 1;
+                    entry.2 += n as u64;
+                }
+                None => tables.push((ev.table.clone(), 1, n as u64)),
+            }
+        }
+        let mut per_table = Vec::with_capacity(tables.len());
+        for (table, read, published) in tables {
+            let name = table.qualified();
+            metrics().inc(
+                names::EVENTS_READ,
+                &[("pipeline", &self.pipeline), ("table", &name)],
+                read as f64,
+            );
+            per_table.push((name, published));
         }
         self.stats.events_published += out.len() as u64;
         let mut done = Vec::new();
@@ -98,10 +133,17 @@ impl<K: Sink> Publisher<'_, K> {
             }
             return Ok(done);
         }
+        let info = BatchInfo {
+            position,
+            handed_over: Instant::now(),
+            per_table,
+            commit_times,
+        };
+        self.inflight_oldest
+            .push_back(info.commit_times.iter().copied().min());
         let delivery = self.sink.write(out).await?;
-        self.inflight.push_back(Box::pin(
-            delivery.map(move |r| r.map(|()| (position, commit_times))),
-        ));
+        self.inflight
+            .push_back(Box::pin(delivery.map(move |r| r.map(|()| info))));
         while self.inflight.len() > self.max_in_flight {
             if let Some(res) = self.inflight.next().await {
                 done.extend(self.delivered(res?));
@@ -129,18 +171,46 @@ impl<K: Sink> Publisher<'_, K> {
         Ok(done)
     }
 
-    /// Records the latency of a confirmed batch; returns its position.
-    fn delivered(
-        &mut self,
-        (position, commit_times): (Option<Position>, Vec<i64>),
-    ) -> Option<Position> {
-        if !commit_times.is_empty() {
+    /// Records metrics of a confirmed batch; returns its position.
+    fn delivered(&mut self, info: BatchInfo) -> Option<Position> {
+        self.inflight_oldest.pop_front();
+        let p = [("pipeline", self.pipeline.as_str())];
+        metrics().observe_many(
+            names::SINK_BATCH_SECONDS,
+            &p,
+            [info.handed_over.elapsed().as_secs_f64()],
+        );
+        for (table, n) in &info.per_table {
+            metrics().inc(
+                names::EVENTS_PUBLISHED,
+                &[("pipeline", &self.pipeline), ("table", table)],
+                *n as f64,
+            );
+        }
+        if !info.commit_times.is_empty() {
             let now = chrono::Utc::now().timestamp_micros();
-            for t in commit_times {
+            for t in &info.commit_times {
                 self.stats.latency.record_micros(now - t);
             }
+            #[allow(clippy::cast_precision_loss)]
+            metrics().observe_many(
+                names::END_TO_END_LATENCY,
+                &p,
+                info.commit_times.iter().map(|t| (now - t) as f64 / 1e6),
+            );
         }
-        position
+        info.position
+    }
+
+    /// Seconds the oldest undelivered change has waited since its commit.
+    fn lag_seconds(&self) -> f64 {
+        let now = chrono::Utc::now().timestamp_micros();
+        #[allow(clippy::cast_precision_loss)]
+        self.inflight_oldest
+            .iter()
+            .flatten()
+            .min()
+            .map_or(0.0, |t| (now - t).max(0) as f64 / 1e6)
     }
 }
 
@@ -258,6 +328,8 @@ pub async fn check(cfg: &LoadedConfig) -> Result<Vec<String>, PipelineError> {
 
 /// Runs the pipeline until `stop` is set, then drains and acknowledges.
 pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, PipelineError> {
+    let name = cfg.config.name.clone();
+    health().set_phase(&name, Phase::Starting);
     let mut report = Vec::new();
     let Prepared {
         mut source,
@@ -282,22 +354,33 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
 
     let batch = cfg.config.batch.clone();
     let mut publisher = Publisher {
+        pipeline: name.clone(),
         sink: &sink,
         mapper: &mut mapper,
         inflight: FuturesOrdered::new(),
+        inflight_oldest: VecDeque::new(),
         max_in_flight: batch.max_in_flight,
         stats: RunStats::default(),
     };
 
     if let Some(mut snap) = source.open(&tables).await? {
+        health().set_phase(&name, Phase::Snapshot);
         while let Some(events) = snap.next_batch(batch.max_events).await? {
+            health().beat();
             if stop.load(Ordering::Relaxed) {
                 tracing::warn!(
                     "stopped during the initial snapshot; it starts over at the next run"
                 );
                 publisher.drain().await?;
+                health().set_phase(&name, Phase::Stopped);
                 return Ok(publisher.stats);
             }
+            #[allow(clippy::cast_precision_loss)]
+            metrics().inc(
+                names::SNAPSHOT_ROWS,
+                &[("pipeline", name.as_str())],
+                events.len() as f64,
+            );
             publisher.publish(events, None).await?;
         }
         publisher.drain().await?;
@@ -306,13 +389,21 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         tracing::info!(rows = snap.rows(), "initial snapshot delivered");
     }
     source.start_streaming().await?;
+    health().set_phase(&name, Phase::Streaming);
+    let monitor = tokio::spawn(slot_monitor(
+        cfg.postgres().url.clone(),
+        cfg.slot(),
+        name.clone(),
+    ));
 
     let max_wait = Duration::from_millis(batch.max_wait_ms);
     let mut last_log = Instant::now();
     let mut logged_events = 0u64;
+    let labels = [("pipeline", name.as_str())];
     let result: Result<(), PipelineError> = async {
         while !stop.load(Ordering::Relaxed) {
             let b = source.next_batch(batch.max_events, max_wait).await?;
+            health().beat();
             let acks = if b.events.is_empty() && b.position.is_none() {
                 publisher.completed()?
             } else {
@@ -321,7 +412,18 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
             if let Some(last) = acks.last() {
                 source.ack(*last)?;
                 publisher.stats.last_acked = Some(*last);
+                health().progressed();
+                #[allow(clippy::cast_precision_loss)]
+                metrics().set(
+                    names::LAST_PROGRESS,
+                    &labels,
+                    chrono::Utc::now().timestamp_millis() as f64 / 1000.0,
+                );
             }
+            health().pending(!publisher.inflight.is_empty());
+            #[allow(clippy::cast_precision_loss)]
+            metrics().set(names::SOURCE_LAG_BYTES, &labels, source.lag_bytes() as f64);
+            metrics().set(names::SOURCE_LAG_SECONDS, &labels, publisher.lag_seconds());
             if last_log.elapsed() >= Duration::from_secs(10) {
                 let n = publisher.stats.events_published - logged_events;
                 #[allow(clippy::cast_precision_loss)]
@@ -329,6 +431,7 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
                 tracing::info!(
                     published = publisher.stats.events_published,
                     events_per_sec = rate as u64,
+                    lag_bytes = source.lag_bytes(),
                     "progress"
                 );
                 logged_events = publisher.stats.events_published;
@@ -338,6 +441,7 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         Ok(())
     }
     .await;
+    monitor.abort();
     // Whatever happened, acknowledge what was delivered.
     let drained = publisher.drain().await;
     if let Ok(acks) = &drained {
@@ -349,9 +453,47 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
     source.shutdown().await?;
     result?;
     drained?;
+    health().set_phase(&name, Phase::Stopped);
+    let lat = &publisher.stats.latency;
     tracing::info!(
         published = publisher.stats.events_published,
+        latency_samples = lat.count(),
+        latency_p50_ms = lat.quantile_ms(0.5).unwrap_or_default(),
+        latency_p99_ms = lat.quantile_ms(0.99).unwrap_or_default(),
         "stopped cleanly"
     );
     Ok(publisher.stats)
+}
+
+/// Every 10 s, the WAL the server keeps for the slot (a gauge).
+async fn slot_monitor(url: String, slot: String, pipeline: String) {
+    let client = match connect_plain(&url).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch the slot's retained WAL");
+            return;
+        }
+    };
+    loop {
+        match client
+            .query_opt(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::float8 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+        {
+            Ok(Some(row)) => {
+                if let Some(bytes) = row.get::<_, Option<f64>>(0) {
+                    metrics().set(
+                        names::SLOT_RETAINED_WAL_BYTES,
+                        &[("pipeline", &pipeline), ("slot", &slot)],
+                        bytes,
+                    );
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::debug!(error = %e, "reading the slot's retained WAL"),
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+    }
 }

@@ -104,11 +104,11 @@ impl AvroType {
 /// Why a value could not be encoded as its published type.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum EncodeError {
-    #[error("value {value} does not fit the published type {expected}")]
+    #[error("{value} value does not fit the published type {expected}")]
     Mismatch { expected: String, value: String },
     #[error("the database did not send this unchanged TOAST value; set `ALTER TABLE ... REPLICA IDENTITY FULL` so updates carry it")]
     Unchanged,
-    #[error("numeric {value} does not fit decimal({precision},{scale})")]
+    #[error("a numeric value of {value} characters does not fit decimal({precision},{scale}) (or is NaN/infinite)")]
     Decimal {
         value: String,
         precision: u32,
@@ -116,21 +116,25 @@ pub enum EncodeError {
     },
 }
 
+/// What kind of value it was, without the value (row values never go to logs).
 fn short(v: &Value) -> String {
-    let s = match v {
-        Value::Text(_) | Value::Json(_) | Value::Bytes(_) => format!("<{} value>", variant(v)),
-        other => format!("{other:?}"),
-    };
-    s.chars().take(60).collect()
-}
-
-fn variant(v: &Value) -> &'static str {
-    match v {
-        Value::Text(_) => "text",
-        Value::Json(_) => "json",
+    let kind = match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Int(_) => "an integer",
+        Value::Float(_) => "a float",
+        Value::Numeric(_) => "a numeric",
+        Value::Text(_) => "a text",
         Value::Bytes(_) => "bytes",
-        _ => "other",
-    }
+        Value::LocalTimestampMicros(_) | Value::TimestampMicros(_) => "a timestamp",
+        Value::Date(_) => "a date",
+        Value::TimeMicros(_) => "a time",
+        Value::Uuid(_) => "a uuid",
+        Value::Json(_) => "a json",
+        Value::Array(_) => "an array",
+        Value::Unchanged => "an unchanged TOAST value",
+    };
+    kind.to_string()
 }
 
 /// Appends a zig-zag varint `long`.
@@ -188,7 +192,7 @@ fn write_value(buf: &mut Vec<u8>, ty: &AvroType, v: &Value) -> Result<(), Encode
         (AvroType::Decimal { precision, scale }, Value::Numeric(s)) => {
             let unscaled =
                 decimal_unscaled(s, *precision, *scale).ok_or_else(|| EncodeError::Decimal {
-                    value: s.chars().take(60).collect(),
+                    value: s.chars().count().to_string(),
                     precision: *precision,
                     scale: *scale,
                 })?;

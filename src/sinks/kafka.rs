@@ -43,17 +43,47 @@ fn base_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientCo
     cfg
 }
 
+/// Feeds librdkafka's statistics into unilog's metrics.
+pub struct StatsContext;
+
+impl rdkafka::ClientContext for StatsContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let (retries, errors) = statistics
+            .brokers
+            .values()
+            .fold((0u64, 0u64), |(r, e), b| (r + b.txretries, e + b.txerrs));
+        #[allow(clippy::cast_precision_loss)]
+        {
+            let m = crate::telemetry::metrics();
+            m.set_counter(
+                crate::telemetry::names::KAFKA_PRODUCE_RETRIES,
+                &[],
+                retries as f64,
+            );
+            m.set_counter(
+                crate::telemetry::names::KAFKA_PRODUCE_ERRORS,
+                &[],
+                errors as f64,
+            );
+        }
+    }
+}
+
 /// Publishes domain events to Kafka.
 pub struct KafkaSink {
-    producer: FutureProducer,
+    producer: FutureProducer<StatsContext>,
     brokers: String,
 }
 
 impl KafkaSink {
     /// A producer for `brokers` with extra librdkafka `properties`.
     pub fn new(brokers: &str, properties: &BTreeMap<String, String>) -> Result<Self, SinkError> {
-        let producer: FutureProducer = base_config(brokers, properties)
-            .create()
+        let mut cfg = base_config(brokers, properties);
+        if !properties.contains_key("statistics.interval.ms") {
+            cfg.set("statistics.interval.ms", "5000");
+        }
+        let producer: FutureProducer<StatsContext> = cfg
+            .create_with_context(StatsContext)
             .map_err(|e| SinkError::Setup(e.to_string()))?;
         Ok(KafkaSink {
             producer,

@@ -129,6 +129,9 @@ pub struct PgSource {
     state: PgCheckpoint,
     last_saved: Instant,
     dirty: bool,
+    /// The server's WAL end, from data and keepalives.
+    server_end: Lsn,
+    acked: Lsn,
 }
 
 /// Opens an ordinary connection (session settings applied).
@@ -198,7 +201,16 @@ impl PgSource {
             state,
             last_saved: Instant::now(),
             dirty: false,
+            server_end: Lsn(0),
+            acked: Lsn(0),
         })
+    }
+
+    /// WAL bytes between the server's end and the last acknowledged position.
+    pub fn lag_bytes(&self) -> u64 {
+        self.server_end
+            .0
+            .saturating_sub(self.acked.0.max(self.start_lsn.0))
     }
 
     /// The database name.
@@ -436,6 +448,7 @@ impl PgSource {
             slot_created_at: Some(consistent.to_string()),
             snapshot_complete: !snapshot_needed,
             delivered_lsn: Some(consistent.to_string()),
+            last_error: None,
         };
         self.store.commit(&self.state)?;
         self.start_lsn = consistent;
@@ -677,7 +690,7 @@ pub fn parse_column(table: &TableInfo, col: &ColumnInfo, bytes: &[u8]) -> Result
     values::parse_text(&col.ty, text).map_err(|e| PgError::Value {
         table: table.qualified(),
         column: col.name.clone(),
-        reason: e.to_string(),
+        reason: e.redacted(),
     })
 }
 
@@ -725,8 +738,12 @@ impl Source for PgSource {
                     });
                 }
                 ReplicationEvent::XLogData {
-                    wal_start, data, ..
+                    wal_start,
+                    wal_end,
+                    data,
+                    ..
                 } => {
+                    self.server_end = self.server_end.max(Lsn(wal_end.as_u64()));
                     let before = batch.events.len();
                     self.handle(&data, Lsn(wal_start.as_u64()), &mut batch.events)
                         .await?;
@@ -741,7 +758,10 @@ impl Source for PgSource {
                         deadline = Some(tokio::time::Instant::now() + max_wait);
                     }
                 }
-                ReplicationEvent::KeepAlive { .. } | ReplicationEvent::Message { .. } => {}
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    self.server_end = self.server_end.max(Lsn(wal_end.as_u64()));
+                }
+                ReplicationEvent::Message { .. } => {}
                 ReplicationEvent::StoppedAt { .. } => return Ok(batch),
             }
             if batch.events.len() >= max_events {
@@ -754,6 +774,7 @@ impl Source for PgSource {
         if let Some(repl) = &self.repl {
             repl.update_applied_lsn(position.0 .0.into());
         }
+        self.acked = self.acked.max(position.0);
         if self.state.delivered().is_none_or(|d| d < position.0) {
             self.state.delivered_lsn = Some(position.0.to_string());
             self.dirty = true;

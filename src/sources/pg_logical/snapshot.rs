@@ -3,6 +3,7 @@
 //! point. Rows come out of `COPY ... TO STDOUT` (text format) and are parsed
 //! by the same code as streamed values.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,6 +32,8 @@ pub struct SnapshotReader {
 
 struct Current {
     table: Arc<TableInfo>,
+    /// A progress bar when stderr is a terminal; log lines otherwise.
+    bar: Option<indicatif::ProgressBar>,
     stream: std::pin::Pin<Box<CopyOutStream>>,
     carry: Vec<u8>,
     rows: u64,
@@ -110,7 +113,20 @@ impl SnapshotReader {
             .await
             .map_err(query_err(format!("copying {}", table.qualified())))?;
         tracing::info!(table = %table.qualified(), estimated_rows = estimate.max(0.0) as u64, "copying table");
+        let bar = std::io::stderr().is_terminal().then(|| {
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            let bar = indicatif::ProgressBar::new(estimate.max(0.0) as u64);
+            let style = indicatif::ProgressStyle::with_template(
+                "{msg:24} [{bar:30}] {human_pos}/{human_len} rows  {per_sec}  eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> ");
+            bar.set_style(style);
+            bar.set_message(table.qualified());
+            bar
+        });
         self.current = Some(Current {
+            bar,
             table,
             stream: Box::pin(stream),
             carry: Vec::new(),
@@ -157,7 +173,12 @@ impl SnapshotReader {
                         cur.rows += 1;
                         self.total_rows += 1;
                     }
-                    if cur.last_report.elapsed() >= PROGRESS_EVERY {
+                    if let Some(bar) = &cur.bar {
+                        if cur.rows > bar.length().unwrap_or(0) {
+                            bar.set_length(cur.rows);
+                        }
+                        bar.set_position(cur.rows);
+                    } else if cur.last_report.elapsed() >= PROGRESS_EVERY {
                         cur.last_report = Instant::now();
                         report(cur, self.started);
                     }
@@ -172,6 +193,9 @@ impl SnapshotReader {
                             column: "*".into(),
                             reason: "COPY ended in the middle of a row".into(),
                         });
+                    }
+                    if let Some(bar) = &cur.bar {
+                        bar.finish();
                     }
                     tracing::info!(table = %cur.table.qualified(), rows = cur.rows, "table copied");
                     self.current = None;

@@ -69,6 +69,29 @@ pub enum ValueError {
 }
 
 impl ValueError {
+    /// The message without the offending value, for logs (row values
+    /// never go to logs).
+    pub fn redacted(&self) -> String {
+        match self {
+            ValueError::Invalid { ty, text, reason } => {
+                format!(
+                    "invalid {ty} value ({} characters): {reason}",
+                    text.chars().count()
+                )
+            }
+            ValueError::Infinite {
+                ty,
+                text,
+                avro_type,
+            } => {
+                format!(
+                    "{ty} value {text} is infinite and cannot be published as an Avro {avro_type}"
+                )
+            }
+            other => other.to_string(),
+        }
+    }
+
     fn invalid(ty: &ColumnType, text: &str, reason: impl Into<String>) -> Self {
         ValueError::Invalid {
             ty: type_name(ty),
