@@ -759,7 +759,22 @@ impl Source for PgSource {
                     }
                 }
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    self.server_end = self.server_end.max(Lsn(wal_end.as_u64()));
+                    let end = Lsn(wal_end.as_u64());
+                    self.server_end = self.server_end.max(end);
+                    // Outside a transaction, everything the server sent up to
+                    // `end` has been received: once it is delivered, the slot
+                    // may move there even if none of it was ours. Without
+                    // this, an idle pipeline pins the WAL that other tables
+                    // and databases keep writing.
+                    if self.txn.is_none() && end > self.start_lsn {
+                        let pos = Position(end);
+                        if batch.position.is_none_or(|p| p < pos) {
+                            batch.position = Some(pos);
+                        }
+                        if deadline.is_none() {
+                            deadline = Some(tokio::time::Instant::now() + max_wait);
+                        }
+                    }
                 }
                 ReplicationEvent::Message { .. } => {}
                 ReplicationEvent::StoppedAt { .. } => return Ok(batch),
