@@ -66,6 +66,9 @@ enum Command {
     },
 }
 
+/// How long a stop may take to drain before the process exits anyway.
+const SHUTDOWN_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init(cli.log_format);
@@ -112,8 +115,16 @@ async fn run(config: PathBuf) -> ExitCode {
         wait_for_signal().await;
         tracing::info!("stop requested; draining and acknowledging");
         flag.store(true, Ordering::Relaxed);
-        wait_for_signal().await;
-        tracing::warn!("second stop request; exiting without draining");
+        // A stop must end: if Kafka does not confirm within the bound, exit
+        // without acknowledging the rest (it is delivered again at the next start).
+        tokio::select! {
+            () = wait_for_signal() => {
+                tracing::warn!("second stop request; exiting without draining");
+            }
+            () = tokio::time::sleep(SHUTDOWN_BOUND) => {
+                tracing::error!(seconds = SHUTDOWN_BOUND.as_secs(), "could not drain within the shutdown bound; exiting without acknowledging the rest");
+            }
+        }
         std::process::exit(130);
     });
     if let Some(http) = cfg.config.http.clone() {
