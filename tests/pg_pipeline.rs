@@ -288,6 +288,16 @@ async fn write_load(url: String, txns: usize, first_id: i64) -> usize {
     usize::try_from(changes).unwrap()
 }
 
+/// A fresh database with an empty `items` table, and a topic name for it.
+async fn items_db(stack: &Stack) -> (TestDb, String) {
+    let db = TestDb::create(stack).await;
+    db.client
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL)")
+        .await
+        .unwrap();
+    (db, format!("it.items.{}", suffix()))
+}
+
 fn items_mapping(topic: &str) -> String {
     format!("table: items\ntopic: {topic}\nevents: {{insert: ItemAdded, update: ItemChanged, delete: ItemRemoved}}\n")
 }
@@ -333,12 +343,7 @@ async fn snapshot_with_concurrent_writes_ends_in_the_final_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_and_restart_resumes_without_loss() {
     let stack = Stack::from_env();
-    let db = TestDb::create(&stack).await;
-    db.client
-        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL)")
-        .await
-        .unwrap();
-    let topic = format!("it.items.{}", suffix());
+    let (db, topic) = items_db(&stack).await;
     let fx = Fixture::new(&stack, &db, &[("items.yaml", items_mapping(&topic))], "");
     let spawn = || {
         std::process::Command::new(unilog_bin())
@@ -394,12 +399,7 @@ async fn kill_and_restart_resumes_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn check_refuses_a_missing_column_and_writes_nothing() {
     let stack = Stack::from_env();
-    let db = TestDb::create(&stack).await;
-    db.client
-        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL)")
-        .await
-        .unwrap();
-    let topic = format!("it.items.{}", suffix());
+    let (db, topic) = items_db(&stack).await;
     let bad = format!("{}columns:\n  id:\n  value:\n", items_mapping(&topic));
     let fx = Fixture::new(&stack, &db, &[("items.yaml", bad)], "");
     let out = std::process::Command::new(unilog_bin())
@@ -451,12 +451,7 @@ async fn check_refuses_a_missing_column_and_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn incompatible_schema_is_refused_with_the_registry_verdict() {
     let stack = Stack::from_env();
-    let db = TestDb::create(&stack).await;
-    db.client
-        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL)")
-        .await
-        .unwrap();
-    let topic = format!("it.items.{}", suffix());
+    let (db, topic) = items_db(&stack).await;
     // Somebody registered a different record under the subject: our schema cannot read its data.
     let existing = json!({"type": "record", "name": "ItemsEvent", "namespace": "unilog.public", "fields": [{"name": "legacy_id", "type": "string"}]});
     let resp = reqwest::Client::new()
