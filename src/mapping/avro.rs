@@ -170,7 +170,8 @@ fn mismatch(ty: &AvroType, v: &Value) -> EncodeError {
     }
 }
 
-fn write_value(buf: &mut Vec<u8>, ty: &AvroType, v: &Value) -> Result<(), EncodeError> {
+/// Appends `v` as `ty` (not nullable: the caller handles null).
+pub fn write_value(buf: &mut Vec<u8>, ty: &AvroType, v: &Value) -> Result<(), EncodeError> {
     if matches!(v, Value::Unchanged) {
         return Err(EncodeError::Unchanged);
     }

@@ -10,13 +10,18 @@
 //!
 //! Every event has the same envelope, whatever the table:
 //! `event_type`, `op`, `key`, `dedup_id`, `before`, `after`, `source`.
+//!
+//! A mapping with `debezium:` also publishes each change in Debezium's
+//! change event envelope, on a topic of its own (`debezium`):
+//! [`Mapper::map_into`] appends those records after the domain event.
 
 pub mod avro;
+pub mod debezium;
 pub mod registry;
 pub mod spec;
 
 use std::collections::{HashMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde_json::json;
@@ -37,8 +42,10 @@ pub struct DomainEvent {
     pub dedup_id: String,
     pub event_type: Arc<str>,
     pub schema_id: u32,
-    /// Confluent wire format: magic byte, schema id, Avro body.
-    pub payload: Vec<u8>,
+    /// Confluent wire format: magic byte, schema id, Avro body. `None` for a
+    /// tombstone (a record with a null value, which log compaction treats as
+    /// the deletion of its key).
+    pub payload: Option<Vec<u8>>,
 }
 
 /// What stops a mapping.
@@ -114,11 +121,15 @@ struct TableRule {
     schema: String,
     schema_id: Option<u32>,
     positions: Option<Positions>,
+    /// The Debezium envelope, when the mapping asks for it.
+    debezium: Option<debezium::DebeziumRule>,
 }
 
 /// Turns [`ChangeEvent`]s into [`DomainEvent`]s by the mapping files.
 pub struct Mapper {
     rules: HashMap<String, TableRule>,
+    /// Whether any rule publishes the Debezium envelope.
+    with_debezium: bool,
 }
 
 impl Mapper {
@@ -155,9 +166,27 @@ impl Mapper {
                     .into());
             }
             let rule = compile(m, table)?;
+            if let Some(dz) = &rule.debezium {
+                if let Some(other) = topics.insert(dz.topic.to_string(), m.path.clone()) {
+                    return Err(m
+                        .err(
+                            "debezium",
+                            format!(
+                                "the Debezium topic `{}` is already used by {}; set `debezium.topic` (or another `debezium.server_name`)",
+                                dz.topic,
+                                other.display()
+                            ),
+                        )
+                        .into());
+                }
+            }
             rules.insert(qualified, rule);
         }
-        Ok(Mapper { rules })
+        let with_debezium = rules.values().any(|r| r.debezium.is_some());
+        Ok(Mapper {
+            rules,
+            with_debezium,
+        })
     }
 
     /// The mapped tables, `schema.table`.
@@ -167,19 +196,35 @@ impl Mapper {
         t
     }
 
-    /// The topics events go to.
+    /// The topics events go to (the Debezium topics included).
     pub fn topics(&self) -> Vec<String> {
-        let mut t: Vec<_> = self.rules.values().map(|r| r.topic.to_string()).collect();
+        let mut t: Vec<_> = self
+            .rules
+            .values()
+            .flat_map(|r| {
+                std::iter::once(r.topic.to_string())
+                    .chain(r.debezium.as_ref().map(|d| d.topic.to_string()))
+            })
+            .collect();
         t.sort();
         t
     }
 
-    /// (subject, schema JSON) per mapped table, for inspection and tests.
+    /// (subject, schema JSON) of every subject the mappings register: per
+    /// mapped table the domain event's, and the Debezium value and key
+    /// schemas where asked for. For inspection and tests.
     pub fn schemas(&self) -> Vec<(String, String)> {
         let mut s: Vec<_> = self
             .rules
             .values()
-            .map(|r| (r.subject.clone(), r.schema.clone()))
+            .flat_map(|r| {
+                let mut v = vec![(r.subject.clone(), r.schema.clone())];
+                if let Some(d) = &r.debezium {
+                    v.push((d.value_subject.clone(), d.value_schema.clone()));
+                    v.push((d.key_subject.clone(), d.key_schema.clone()));
+                }
+                v
+            })
             .collect();
         s.sort();
         s
@@ -200,59 +245,37 @@ impl Mapper {
             let Some(rule) = self.rules.get_mut(&name) else {
                 continue;
             };
-            let reg_err = |source| MappingError::Registry {
-                file: rule.file.clone(),
-                source,
-            };
-            let existing = registry
-                .lookup(&rule.subject, &rule.schema)
-                .await
-                .map_err(reg_err)?;
-            if let Some(found) = existing {
-                rule.schema_id = Some(found.id);
-                out.push((rule.subject.clone(), Some(found.id)));
-                continue;
+            let id = register_subject(
+                registry,
+                &rule.file,
+                &rule.table,
+                &rule.topic,
+                &rule.subject,
+                &rule.schema,
+                dry_run,
+            )
+            .await?;
+            rule.schema_id = id;
+            out.push((rule.subject.clone(), id));
+            if let Some(dz) = rule.debezium.as_mut() {
+                for (subject, schema, slot) in [
+                    (&dz.value_subject, &dz.value_schema, &mut dz.value_schema_id),
+                    (&dz.key_subject, &dz.key_schema, &mut dz.key_schema_id),
+                ] {
+                    let id = register_subject(
+                        registry,
+                        &rule.file,
+                        &rule.table,
+                        &dz.topic,
+                        subject,
+                        schema,
+                        dry_run,
+                    )
+                    .await?;
+                    *slot = id;
+                    out.push((subject.clone(), id));
+                }
             }
-            let messages = registry
-                .check_compatibility(&rule.subject, &rule.schema)
-                .await
-                .map_err(|source| MappingError::Registry {
-                    file: rule.file.clone(),
-                    source,
-                })?;
-            if !messages.is_empty() {
-                return Err(MappingError::Incompatible {
-                    file: rule.file.clone(),
-                    table: rule.table.clone(),
-                    subject: rule.subject.clone(),
-                    topic_v2: format!("{}.v2", rule.topic),
-                    messages,
-                });
-            }
-            if dry_run {
-                out.push((rule.subject.clone(), None));
-                continue;
-            }
-            let id = registry
-                .register(&rule.subject, &rule.schema)
-                .await
-                .map_err(|source| match source {
-                    RegistryError::Incompatible { subject, messages } => {
-                        MappingError::Incompatible {
-                            file: rule.file.clone(),
-                            table: rule.table.clone(),
-                            subject,
-                            topic_v2: format!("{}.v2", rule.topic),
-                            messages,
-                        }
-                    }
-                    source => MappingError::Registry {
-                        file: rule.file.clone(),
-                        source,
-                    },
-                })?;
-            rule.schema_id = Some(id);
-            out.push((rule.subject.clone(), Some(id)));
         }
         Ok(out)
     }
@@ -260,18 +283,37 @@ impl Mapper {
     /// Maps one change into every record it publishes (the domain event,
     /// and any further envelope a mapping asks for), appended to `out`.
     /// Returns how many were appended.
+    ///
+    /// With `debezium:`, the Debezium records of the change follow the
+    /// domain event: one change event, and after a delete its tombstone
+    /// (see [`debezium`]). They are published only when the domain event
+    /// is, so a truncate reaches the Debezium topic only when the mapping
+    /// names a truncate event.
     pub fn map_into(
         &mut self,
         ev: &ChangeEvent,
         out: &mut Vec<DomainEvent>,
     ) -> Result<usize, MappingError> {
-        match self.map(ev)? {
-            Some(d) => {
+        let Some(d) = self.map(ev)? else {
+            return Ok(0);
+        };
+        let start = out.len();
+        let dz = if self.with_debezium {
+            self.rules
+                .get_mut(&ev.table.qualified())
+                .and_then(|r| r.debezium.as_mut())
+        } else {
+            None
+        };
+        match dz {
+            None => out.push(d),
+            Some(dz) => {
+                let mut records = dz.map(ev, &d)?;
                 out.push(d);
-                Ok(1)
+                out.append(&mut records);
             }
-            None => Ok(0),
         }
+        Ok(out.len() - start)
     }
 
     /// Maps one change. `Ok(None)` when the table is not mapped or the
@@ -402,7 +444,7 @@ impl Mapper {
             dedup_id,
             event_type,
             schema_id,
-            payload: buf,
+            payload: Some(buf),
         }))
     }
 }
@@ -529,6 +571,10 @@ fn compile(m: &LoadedMapping, table: &TableInfo) -> Result<TableRule, MappingErr
     }
     let row_name = s.record.clone().unwrap_or_else(|| pascal_case(&table.name));
     let schema = envelope_schema(&row_name, &table.schema, &q, &fields);
+    let debezium = match &s.debezium {
+        Some(dz) => Some(debezium::DebeziumRule::compile(m, dz, table, &key_columns)?),
+        None => None,
+    };
     Ok(TableRule {
         file: m.path.clone(),
         table: q,
@@ -540,7 +586,54 @@ fn compile(m: &LoadedMapping, table: &TableInfo) -> Result<TableRule, MappingErr
         schema,
         schema_id: None,
         positions: None,
+        debezium,
     })
+}
+
+/// Checks `schema` against the registry's latest version of `subject` and,
+/// unless `dry_run`, registers it. `None` only for a dry run of a new
+/// (compatible) schema.
+async fn register_subject(
+    registry: &RegistryClient,
+    file: &Path,
+    table: &str,
+    topic: &str,
+    subject: &str,
+    schema: &str,
+    dry_run: bool,
+) -> Result<Option<u32>, MappingError> {
+    let reg_err = |source| MappingError::Registry {
+        file: file.to_path_buf(),
+        source,
+    };
+    let incompatible = |subject: String, messages| MappingError::Incompatible {
+        file: file.to_path_buf(),
+        table: table.to_string(),
+        subject,
+        topic_v2: format!("{topic}.v2"),
+        messages,
+    };
+    if let Some(found) = registry.lookup(subject, schema).await.map_err(reg_err)? {
+        return Ok(Some(found.id));
+    }
+    let messages = registry
+        .check_compatibility(subject, schema)
+        .await
+        .map_err(reg_err)?;
+    if !messages.is_empty() {
+        return Err(incompatible(subject.to_string(), messages));
+    }
+    if dry_run {
+        return Ok(None);
+    }
+    let id = registry
+        .register(subject, schema)
+        .await
+        .map_err(|source| match source {
+            RegistryError::Incompatible { subject, messages } => incompatible(subject, messages),
+            source => reg_err(source),
+        })?;
+    Ok(Some(id))
 }
 
 fn positions(rule: &TableRule, table: &Arc<TableInfo>) -> Result<Positions, MappingError> {

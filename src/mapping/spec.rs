@@ -18,7 +18,18 @@
 //!   created_at: { as: registered_at }
 //!   plan: { type: string }     # publish as text
 //! drop: [password_digest]      # never leaves the database
+//! debezium:                    # also publish Debezium's change envelope (optional)
+//!   server_name: legacy        # Debezium's topic.prefix, the logical server name
+//!   topic: legacy.public.users # default: <server_name>.<schema>.<table>
+//!   tombstones: true           # a null-value record after each delete (default true)
 //! ```
+//!
+//! With `debezium:`, every change is published a second time, on its own
+//! topic, in the shape Debezium's PostgreSQL connector gives it with
+//! Confluent's Avro converter (see [`super::debezium`]). That record carries
+//! every column of the table under its own name and type, except the
+//! `drop`ped ones: `columns:` selects what the domain event publishes, not
+//! what the Debezium record leaves out, so a secret must be in `drop`.
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +50,27 @@ pub struct MappingSpec {
     pub columns: Option<IndexMap<String, Option<ColumnRule>>>,
     #[serde(default)]
     pub drop: Vec<String>,
+    /// Also publish the Debezium-style change envelope.
+    pub debezium: Option<DebeziumSpec>,
+}
+
+/// `debezium:`: the Debezium-compatible change envelope beside the domain event.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DebeziumSpec {
+    /// Debezium's `topic.prefix` (the logical server name): the `name` in
+    /// `source`, the first part of the topic and of the record names.
+    pub server_name: String,
+    /// Default: `<server_name>.<schema>.<table>`.
+    pub topic: Option<String>,
+    /// A null-value record with the same key after each delete, so that
+    /// log compaction can remove the row (Debezium's `tombstones.on.delete`).
+    #[serde(default = "default_tombstones")]
+    pub tombstones: bool,
+}
+
+const fn default_tombstones() -> bool {
+    true
 }
 
 /// Event type names per operation.
@@ -114,13 +146,7 @@ impl LoadedMapping {
 
     fn check_names(&self) -> Result<(), ConfigError> {
         let s = &self.spec;
-        if s.topic.is_empty()
-            || s.topic.len() > 249
-            || !s
-                .topic
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-        {
+        if !is_topic_name(&s.topic) {
             return Err(self.err(
                 "topic",
                 format!(
@@ -151,6 +177,30 @@ impl LoadedMapping {
                         .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.'));
                 if !ok {
                     return Err(self.err(field, format!("`{n}` is not an event type name (letters, digits, `_`, `.`; starts with a letter)")));
+                }
+            }
+        }
+        if let Some(dz) = &s.debezium {
+            if dz.server_name.is_empty()
+                || !dz
+                    .server_name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return Err(self.err(
+                    "debezium.server_name",
+                    format!(
+                        "`{}` is not a valid server name (letters, digits, `.`, `_`, `-`, as Debezium's topic.prefix)",
+                        dz.server_name
+                    ),
+                ));
+            }
+            if let Some(t) = &dz.topic {
+                if !is_topic_name(t) {
+                    return Err(self.err(
+                        "debezium.topic",
+                        format!("`{t}` is not a valid Kafka topic name (letters, digits, `.`, `_`, `-`)"),
+                    ));
                 }
             }
         }
@@ -198,6 +248,14 @@ pub fn qualify(table: &str) -> String {
     } else {
         format!("public.{table}")
     }
+}
+
+/// Kafka topic names: 1 to 249 of letters, digits, `.`, `_`, `-`.
+pub fn is_topic_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 249
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 /// Avro names: `[A-Za-z_][A-Za-z0-9_]*`.
@@ -288,6 +346,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("users.yaml:8: field `columns.id`"), "{err}");
+    }
+
+    #[test]
+    fn debezium_option_has_defaults_and_refuses_unknown_keys() {
+        let m = load(&format!("{GOOD}debezium:\n  server_name: legacy\n")).unwrap();
+        let dz = m.spec.debezium.as_ref().unwrap();
+        assert_eq!(dz.server_name, "legacy");
+        assert_eq!(dz.topic, None);
+        assert!(dz.tombstones);
+        let m = load(&format!(
+            "{GOOD}debezium:\n  server_name: legacy\n  topic: legacy.public.users\n  tombstones: false\n"
+        ))
+        .unwrap();
+        let dz = m.spec.debezium.as_ref().unwrap();
+        assert_eq!(dz.topic.as_deref(), Some("legacy.public.users"));
+        assert!(!dz.tombstones);
+        let err = load(&format!(
+            "{GOOD}debezium:\n  server_name: legacy\n  tombstone: false\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("unknown field `tombstone`"), "{err}");
+        let err = load(&format!("{GOOD}debezium:\n  server_name: leg acy\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("users.yaml:14: field `debezium.server_name`"),
+            "{err}"
+        );
+        let err = load(&format!("{GOOD}debezium:\n  topic: x\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing field `server_name`"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! The message key is the entity key, so one entity's events land on one
 //! partition in order. Each record carries the headers `unilog.event_type`
 //! and `unilog.dedup_id` so consumers can filter and deduplicate without
-//! decoding the Avro body.
+//! decoding the Avro body. A record without payload (a tombstone after a
+//! delete, on a Debezium topic) is sent with a null value.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -170,9 +171,11 @@ impl Sink for KafkaSink {
                     key: HEADER_DEDUP_ID,
                     value: Some(ev.dedup_id.as_bytes()),
                 });
-            let mut record = FutureRecord::to(&ev.topic)
-                .payload(&ev.payload)
-                .headers(headers);
+            let mut record = FutureRecord::<Vec<u8>, Vec<u8>>::to(&ev.topic).headers(headers);
+            // No payload: a tombstone (null value).
+            if let Some(p) = &ev.payload {
+                record = record.payload(p);
+            }
             if let Some(k) = &ev.key {
                 record = record.key(k);
             }
