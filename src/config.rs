@@ -207,6 +207,23 @@ pub struct PipelineConfig {
     pub batch: BatchConfig,
     /// The HTTP endpoint for `/metrics`, `/health` and `/ready` (off when absent).
     pub http: Option<HttpConfig>,
+    /// What happens to a change that cannot be published (a poison row).
+    #[serde(default)]
+    pub on_bad_row: BadRowPolicy,
+    /// Topic for dead letters; default `unilog.<name>.dead_letter`.
+    pub dead_letter_topic: Option<String>,
+}
+
+/// What to do with a change that cannot be published: a value that does
+/// not parse or does not fit its published type, or a missing key.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BadRowPolicy {
+    /// Publish the reason to the dead-letter topic and go on.
+    #[default]
+    DeadLetter,
+    /// Stop the pipeline with the reason (nothing after it is acknowledged).
+    Stop,
 }
 
 /// Default time without progress after which `/ready` fails.
@@ -464,6 +481,14 @@ impl LoadedConfig {
             .publication
             .clone()
             .unwrap_or_else(|| format!("unilog_{}", self.config.name.to_lowercase()))
+    }
+
+    /// The dead-letter topic.
+    pub fn dead_letter_topic(&self) -> String {
+        self.config
+            .dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("unilog.{}.dead_letter", self.config.name))
     }
 
     /// Folder for local state of this pipeline.

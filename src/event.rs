@@ -99,6 +99,10 @@ pub enum Value {
     Array(Vec<Value>),
     /// A TOASTed value the database did not send because it did not change.
     Unchanged,
+    /// A value the source could not parse (the reason, without the value).
+    /// Publishing its column fails, and the change goes to the dead-letter
+    /// topic; a dropped column with such a value does not matter.
+    Invalid(String),
 }
 
 /// One row: values in the order of [`TableInfo::columns`].

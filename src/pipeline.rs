@@ -17,11 +17,11 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 
 use crate::checkpoint::FileCheckpointStore;
-use crate::config::{ConfigError, LoadedConfig};
+use crate::config::{BadRowPolicy, ConfigError, LoadedConfig};
 use crate::event::{ChangeEvent, Position, TableInfo};
 use crate::mapping::registry::RegistryClient;
 use crate::mapping::spec::LoadedMapping;
-use crate::mapping::{DomainEvent, Mapper, MappingError};
+use crate::mapping::{dedup_id, DomainEvent, Mapper, MappingError};
 use crate::sinks::kafka::{ensure_topics, KafkaSink};
 use crate::sinks::{Sink, SinkError};
 use crate::sources::pg_logical::{connect_plain, PgError, PgSettings, PgSource};
@@ -56,6 +56,8 @@ pub struct RunStats {
     pub events_read: u64,
     pub events_published: u64,
     pub last_acked: Option<Position>,
+    /// Changes sent to the dead-letter topic.
+    pub dead_lettered: u64,
     /// Commit-to-Kafka-acknowledgement latency of streamed changes.
     pub latency: LatencyHistogram,
 }
@@ -82,10 +84,56 @@ struct Publisher<'a, K: Sink> {
     /// Oldest commit time of each in-flight batch, in order.
     inflight_oldest: VecDeque<Option<i64>>,
     max_in_flight: usize,
+    /// Where poison rows go; `None`: stop on them.
+    dead_letter: Option<Arc<str>>,
     stats: RunStats,
 }
 
 impl<K: Sink> Publisher<'_, K> {
+    /// Maps one change; a poison row becomes a dead letter when allowed.
+    fn map_one(
+        &mut self,
+        ev: &ChangeEvent,
+        out: &mut Vec<DomainEvent>,
+    ) -> Result<usize, PipelineError> {
+        let before = out.len();
+        match self.mapper.map_into(ev, out) {
+            Ok(n) => Ok(n),
+            Err(e) if e.is_definite() && self.dead_letter.is_some() => {
+                out.truncate(before);
+                let topic = self.dead_letter.clone().unwrap_or_else(|| Arc::from(""));
+                let table = ev.table.qualified();
+                let id = dedup_id(ev);
+                tracing::warn!(table = %table, dedup_id = %id, error = %e, "change sent to the dead-letter topic");
+                metrics().inc(
+                    names::EVENTS_DEAD_LETTERED,
+                    &[("pipeline", &self.pipeline), ("table", &table)],
+                    1.0,
+                );
+                self.stats.dead_lettered += 1;
+                let body = serde_json::json!({
+                    "pipeline": self.pipeline,
+                    "table": table,
+                    "op": ev.op.as_str(),
+                    "dedup_id": id,
+                    "lsn": ev.meta.lsn.to_string(),
+                    "xid": ev.meta.xid,
+                    "error": e.to_string(),
+                });
+                out.push(DomainEvent {
+                    topic,
+                    key: Some(table.into_bytes()),
+                    dedup_id: id,
+                    event_type: Arc::from("unilog.DeadLetter"),
+                    schema_id: 0,
+                    payload: Some(body.to_string().into_bytes()),
+                });
+                Ok(1)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Maps `events` and enqueues them; returns positions whose deliveries
     /// completed meanwhile (in order), ready to acknowledge.
     async fn publish(
@@ -99,7 +147,7 @@ impl<K: Sink> Publisher<'_, K> {
         // (table, read, published), few tables per batch.
         let mut tables: Vec<(Arc<TableInfo>, u64, u64)> = Vec::new();
         for ev in &events {
-            let n = self.mapper.map_into(ev, &mut out)?;
+            let n = self.map_one(ev, &mut out)?;
             if let Some(t) = ev.meta.commit_time_micros {
                 commit_times.extend(std::iter::repeat_n(t, n));
             }
@@ -343,10 +391,14 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
     let kafka = &cfg.config.kafka;
     let sink = KafkaSink::new(&kafka.brokers, &kafka.properties)?;
     sink.check_connection(Duration::from_secs(10)).await?;
+    let mut topics = mapper.topics();
+    if cfg.config.on_bad_row == BadRowPolicy::DeadLetter {
+        topics.push(cfg.dead_letter_topic());
+    }
     ensure_topics(
         &kafka.brokers,
         &kafka.properties,
-        &mapper.topics(),
+        &topics,
         kafka.partitions,
         kafka.replication_factor,
     )
@@ -360,6 +412,8 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         inflight: FuturesOrdered::new(),
         inflight_oldest: VecDeque::new(),
         max_in_flight: batch.max_in_flight,
+        dead_letter: (cfg.config.on_bad_row == BadRowPolicy::DeadLetter)
+            .then(|| Arc::from(cfg.dead_letter_topic().as_str())),
         stats: RunStats::default(),
     };
 

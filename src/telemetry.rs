@@ -122,6 +122,8 @@ mod tests {
 pub mod names {
     /// Changes read from the source, by pipeline and table.
     pub const EVENTS_READ: &str = "unilog_events_read_total";
+    /// Changes sent to the dead-letter topic, by pipeline and table.
+    pub const EVENTS_DEAD_LETTERED: &str = "unilog_events_dead_lettered_total";
     /// Records confirmed by Kafka, by pipeline and table.
     pub const EVENTS_PUBLISHED: &str = "unilog_events_published_total";
     /// Rows copied by the initial snapshot, by pipeline and table.

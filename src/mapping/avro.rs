@@ -108,6 +108,8 @@ pub enum EncodeError {
     Mismatch { expected: String, value: String },
     #[error("the database did not send this unchanged TOAST value; set `ALTER TABLE ... REPLICA IDENTITY FULL` so updates carry it")]
     Unchanged,
+    #[error("the value could not be read: {0}")]
+    Invalid(String),
     #[error("a numeric value of {value} characters does not fit decimal({precision},{scale}) (or is NaN/infinite)")]
     Decimal {
         value: String,
@@ -133,6 +135,7 @@ fn short(v: &Value) -> String {
         Value::Json(_) => "a json",
         Value::Array(_) => "an array",
         Value::Unchanged => "an unchanged TOAST value",
+        Value::Invalid(_) => "an unreadable value",
     };
     kind.to_string()
 }
@@ -172,8 +175,10 @@ fn mismatch(ty: &AvroType, v: &Value) -> EncodeError {
 
 /// Appends `v` as `ty` (not nullable: the caller handles null).
 pub fn write_value(buf: &mut Vec<u8>, ty: &AvroType, v: &Value) -> Result<(), EncodeError> {
-    if matches!(v, Value::Unchanged) {
-        return Err(EncodeError::Unchanged);
+    match v {
+        Value::Unchanged => return Err(EncodeError::Unchanged),
+        Value::Invalid(reason) => return Err(EncodeError::Invalid(reason.clone())),
+        _ => {}
     }
     match (ty, v) {
         (AvroType::Boolean, Value::Bool(b)) => buf.push(u8::from(*b)),
@@ -234,7 +239,7 @@ fn text_of(v: &Value) -> Option<String> {
 /// A readable text form of any value (for `type: string` and for keys).
 pub fn render_text(v: &Value) -> Option<String> {
     Some(match v {
-        Value::Null | Value::Unchanged => return None,
+        Value::Null | Value::Unchanged | Value::Invalid(_) => return None,
         Value::Bool(b) => b.to_string(),
         Value::Int(i) => i.to_string(),
         Value::Float(f) => f.to_string(),

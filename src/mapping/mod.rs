@@ -92,6 +92,30 @@ impl MappingError {
     pub fn is_transient(&self) -> bool {
         matches!(self, MappingError::Registry { source, .. } if source.is_transient())
     }
+
+    /// Whether the error is in the data of one change (a poison row, which
+    /// may go to the dead-letter topic) rather than in the setup.
+    pub fn is_definite(&self) -> bool {
+        matches!(
+            self,
+            MappingError::Encode { .. } | MappingError::MissingKey { .. }
+        )
+    }
+}
+
+/// The id that is the same whenever the same change is delivered again:
+/// `pg/<database>/<commit LSN>/<ordinal>` (`s<ordinal>` for snapshot rows).
+pub fn dedup_id(ev: &ChangeEvent) -> String {
+    match ev.op {
+        Op::Snapshot => format!(
+            "pg/{}/{}/s{}",
+            ev.table.database, ev.seq.commit, ev.seq.ordinal
+        ),
+        _ => format!(
+            "pg/{}/{}/{}",
+            ev.table.database, ev.seq.commit, ev.seq.ordinal
+        ),
+    }
 }
 
 /// One published field.
@@ -368,16 +392,7 @@ impl Mapper {
             }
         };
 
-        let dedup_id = match ev.op {
-            Op::Snapshot => format!(
-                "pg/{}/{}/s{}",
-                ev.table.database, ev.seq.commit, ev.seq.ordinal
-            ),
-            _ => format!(
-                "pg/{}/{}/{}",
-                ev.table.database, ev.seq.commit, ev.seq.ordinal
-            ),
-        };
+        let dedup_id = dedup_id(ev);
 
         let mut buf = Vec::with_capacity(128);
         buf.push(0);

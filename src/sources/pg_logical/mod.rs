@@ -667,7 +667,7 @@ fn tuple_row(table: &TableInfo, tuple: &TupleData) -> Result<Row, PgError> {
         row.push(match v {
             TupleValue::Null => Value::Null,
             TupleValue::Unchanged => Value::Unchanged,
-            TupleValue::Text(bytes) => parse_column(table, col, bytes)?,
+            TupleValue::Text(bytes) => parse_column(col, bytes),
             TupleValue::Binary(_) => {
                 return Err(PgError::Value {
                     table: table.qualified(),
@@ -680,18 +680,14 @@ fn tuple_row(table: &TableInfo, tuple: &TupleData) -> Result<Row, PgError> {
     Ok(row)
 }
 
-/// Parses one text value of `col`.
-pub fn parse_column(table: &TableInfo, col: &ColumnInfo, bytes: &[u8]) -> Result<Value, PgError> {
-    let text = std::str::from_utf8(bytes).map_err(|_| PgError::Value {
-        table: table.qualified(),
-        column: col.name.clone(),
-        reason: "value is not valid UTF-8".into(),
-    })?;
-    values::parse_text(&col.ty, text).map_err(|e| PgError::Value {
-        table: table.qualified(),
-        column: col.name.clone(),
-        reason: e.redacted(),
-    })
+/// Parses one text value of `col`. A value that does not parse becomes
+/// [`Value::Invalid`] with the reason (never the value itself), so the row
+/// can go to the dead-letter topic instead of stopping the pipeline.
+pub fn parse_column(col: &ColumnInfo, bytes: &[u8]) -> Value {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Value::Invalid("the value is not valid UTF-8".into());
+    };
+    values::parse_text(&col.ty, text).unwrap_or_else(|e| Value::Invalid(e.redacted()))
 }
 
 impl Source for PgSource {

@@ -267,7 +267,7 @@ fn parse_line(table: &TableInfo, line: &[u8]) -> Result<Vec<Value>, PgError> {
         .zip(fields)
         .map(|(col, f)| match f {
             None => Ok(Value::Null),
-            Some(text) => parse_column(table, col, text.as_bytes()),
+            Some(text) => Ok(parse_column(col, text.as_bytes())),
         })
         .collect()
 }

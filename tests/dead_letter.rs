@@ -1,0 +1,129 @@
+//! Poison rows: a change that cannot be published goes to the dead-letter
+//! topic with its reason, and the pipeline goes on; with `on_bad_row: stop`
+//! it stops instead and acknowledges nothing past the last good change.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value as Json;
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+const DDL: &str = "CREATE TABLE payments (id bigint PRIMARY KEY, amount numeric(8,2), due timestamptz, note text);";
+
+fn mapping(topic: &str) -> String {
+    format!("table: payments\ntopic: {topic}\nevents: {{insert: PaymentMade, update: PaymentChanged, delete: PaymentVoided}}\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn poison_rows_go_to_the_dead_letter_topic_and_the_pipeline_goes_on() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack).await;
+    db.client.batch_execute(DDL).await.unwrap();
+    // A poison row already in the table reaches the snapshot.
+    db.client
+        .batch_execute("INSERT INTO payments VALUES (1, 'NaN', now(), 'snapshot poison')")
+        .await
+        .unwrap();
+    let topic = format!("it.pay.{}", suffix());
+    let dlq = format!("it.dlq.{}", suffix());
+    let fx = Fixture::new(
+        &stack,
+        &db,
+        &[("payments.yaml", mapping(&topic))],
+        &format!("dead_letter_topic: {dlq}\n"),
+    );
+    let run = Running::start(&fx);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute(
+            "INSERT INTO payments VALUES (2, 10.00, now(), 'fine');
+             INSERT INTO payments VALUES (3, 5.00, 'infinity', 'cannot be an Avro timestamp');
+             INSERT INTO payments VALUES (4, 7.50, now(), 'fine after the poison');",
+        )
+        .await
+        .unwrap();
+
+    let records = consume(&stack.brokers, &topic, 2, Duration::from_secs(2), WAIT).await;
+    let mut dec = Decoder::new(&stack.registry);
+    let ids: Vec<i64> = decode_all(&mut dec, &records)
+        .await
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        vec![2, 4],
+        "the good rows are published, the poison ones are not"
+    );
+
+    let letters = consume(&stack.brokers, &dlq, 2, Duration::from_secs(2), WAIT).await;
+    let stats = run.stop().await;
+    assert_eq!(stats.dead_lettered, 2);
+    assert_eq!(letters.len(), 2);
+    let bodies: Vec<Json> = letters
+        .iter()
+        .map(|r| serde_json::from_slice(&r.payload).unwrap())
+        .collect();
+    assert_eq!(bodies[0]["op"], "snapshot");
+    assert_eq!(bodies[0]["table"], "public.payments");
+    let e0 = bodies[0]["error"].as_str().unwrap();
+    assert!(
+        e0.contains("column `amount`") && e0.contains("decimal(8,2)"),
+        "{e0}"
+    );
+    assert_eq!(bodies[1]["op"], "insert");
+    let e1 = bodies[1]["error"].as_str().unwrap();
+    assert!(
+        e1.contains("column `due`") && e1.contains("infinite"),
+        "{e1}"
+    );
+    assert!(
+        !bodies.iter().any(|b| b.to_string().contains("poison")),
+        "row values stay out of dead letters"
+    );
+    assert_eq!(
+        letters[1]
+            .headers
+            .get("unilog.event_type")
+            .map(String::as_str),
+        Some("unilog.DeadLetter")
+    );
+    assert!(letters[1]
+        .headers
+        .get("unilog.dedup_id")
+        .is_some_and(|d| d.starts_with("pg/")));
+    db.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_on_bad_row_stop_the_pipeline_stops_with_the_reason() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack).await;
+    db.client.batch_execute(DDL).await.unwrap();
+    let topic = format!("it.pay.{}", suffix());
+    let fx = Fixture::new(
+        &stack,
+        &db,
+        &[("payments.yaml", mapping(&topic))],
+        "on_bad_row: stop\n",
+    );
+    let run = Running::start(&fx);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute("INSERT INTO payments VALUES (1, 'NaN', now(), 'x')")
+        .await
+        .unwrap();
+    let result = tokio::time::timeout(WAIT, run.handle)
+        .await
+        .expect("the pipeline did not stop")
+        .unwrap();
+    let err = result.expect_err("the pipeline went on").to_string();
+    assert!(
+        err.contains("public.payments") && err.contains("column `amount`"),
+        "{err}"
+    );
+    db.cleanup().await;
+}
