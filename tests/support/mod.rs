@@ -5,6 +5,8 @@
 //! suffix), so tests run in any order and in parallel.
 #![allow(dead_code)]
 
+pub mod docs;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -81,8 +83,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn create(stack: &Stack) -> TestDb {
-        let name = format!("t_{}", suffix());
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let name = format!("t_{now}_{}", suffix());
         let admin = connect(&stack.pg_admin_url).await;
+        sweep(&admin, now).await;
         let owner: String = connect(&stack.pg_url)
             .await
             .query_one("SELECT current_user::text", &[])
@@ -161,6 +168,43 @@ impl TestDb {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Drops what earlier test runs left behind when they failed before their
+/// cleanup: test databases over an hour old that nobody is connected to,
+/// with their slots (an inactive slot pins WAL). Test databases are named
+/// `t_<unix seconds>_<random>`; older names are swept too.
+async fn sweep(admin: &Client, now: u64) {
+    let Ok(rows) = admin
+        .query(
+            "SELECT d.datname::text FROM pg_database d
+             WHERE d.datname LIKE 't\\_%' AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)",
+            &[],
+        )
+        .await
+    else {
+        return;
+    };
+    for r in rows {
+        let db: String = r.get(0);
+        let created = db
+            .split('_')
+            .nth(1)
+            .and_then(|t| t.parse::<u64>().ok())
+            .unwrap_or(0);
+        if now.saturating_sub(created) < 3600 {
+            continue;
+        }
+        let _ = admin
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1 AND NOT active",
+                &[&db],
+            )
+            .await;
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .await;
     }
 }
 
