@@ -79,6 +79,7 @@ type Pending = Pin<Box<dyn Future<Output = Result<BatchInfo, SinkError>> + Send>
 struct Publisher<'a, K: Sink> {
     pipeline: String,
     sink: &'a K,
+    registry: &'a RegistryClient,
     mapper: &'a mut Mapper,
     inflight: FuturesOrdered<Pending>,
     /// Oldest commit time of each in-flight batch, in order.
@@ -147,6 +148,14 @@ impl<K: Sink> Publisher<'_, K> {
         // (table, read, published), few tables per batch.
         let mut tables: Vec<(Arc<TableInfo>, u64, u64)> = Vec::new();
         for ev in &events {
+            if self.mapper.needs_refresh(&ev.table) {
+                let q = ev.table.qualified();
+                tracing::info!(table = %q, "the table's columns changed; deriving and checking its schema again");
+                let ids = self.mapper.refresh(&ev.table, self.registry).await?;
+                for (subject, id) in ids {
+                    tracing::info!(table = %q, subject = %subject, schema_id = id.unwrap_or_default(), "schema in use");
+                }
+            }
             let n = self.map_one(ev, &mut out)?;
             if let Some(t) = ev.meta.commit_time_micros {
                 commit_times.extend(std::iter::repeat_n(t, n));
@@ -383,7 +392,7 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         mut source,
         mut mapper,
         tables,
-        ..
+        registry,
     } = prepare(cfg, false, &mut report).await?;
     for line in &report {
         tracing::info!("{line}");
@@ -408,6 +417,7 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
     let mut publisher = Publisher {
         pipeline: name.clone(),
         sink: &sink,
+        registry: &registry,
         mapper: &mut mapper,
         inflight: FuturesOrdered::new(),
         inflight_oldest: VecDeque::new(),

@@ -147,6 +147,10 @@ struct TableRule {
     positions: Option<Positions>,
     /// The Debezium envelope, when the mapping asks for it.
     debezium: Option<debezium::DebeziumRule>,
+    /// The mapping file, kept to compile again when the table changes.
+    mapping: Arc<LoadedMapping>,
+    /// The table as this rule was compiled against.
+    compiled_against: Arc<TableInfo>,
 }
 
 /// Turns [`ChangeEvent`]s into [`DomainEvent`]s by the mapping files.
@@ -189,7 +193,8 @@ impl Mapper {
                     .err("table", format!("table {qualified} is mapped twice"))
                     .into());
             }
-            let rule = compile(m, table)?;
+            let mut rule = compile(m, table)?;
+            rule.compiled_against = table.clone();
             if let Some(dz) = &rule.debezium {
                 if let Some(other) = topics.insert(dz.topic.to_string(), m.path.clone()) {
                     return Err(m
@@ -266,42 +271,59 @@ impl Mapper {
         let mut names: Vec<String> = self.rules.keys().cloned().collect();
         names.sort();
         for name in names {
-            let Some(rule) = self.rules.get_mut(&name) else {
-                continue;
-            };
-            let id = register_subject(
-                registry,
-                &rule.file,
-                &rule.table,
-                &rule.topic,
-                &rule.subject,
-                &rule.schema,
-                dry_run,
-            )
-            .await?;
-            rule.schema_id = id;
-            out.push((rule.subject.clone(), id));
-            if let Some(dz) = rule.debezium.as_mut() {
-                for (subject, schema, slot) in [
-                    (&dz.value_subject, &dz.value_schema, &mut dz.value_schema_id),
-                    (&dz.key_subject, &dz.key_schema, &mut dz.key_schema_id),
-                ] {
-                    let id = register_subject(
-                        registry,
-                        &rule.file,
-                        &rule.table,
-                        &dz.topic,
-                        subject,
-                        schema,
-                        dry_run,
-                    )
-                    .await?;
-                    *slot = id;
-                    out.push((subject.clone(), id));
-                }
+            if let Some(rule) = self.rules.get_mut(&name) {
+                out.extend(register_rule(rule, registry, dry_run).await?);
             }
         }
         Ok(out)
+    }
+
+    /// Whether `table` (from the stream) differs in its columns or their
+    /// types from the table its rule was compiled against: a schema change.
+    pub fn needs_refresh(&mut self, table: &Arc<TableInfo>) -> bool {
+        let Some(rule) = self.rules.values_mut().find(|r| {
+            Arc::ptr_eq(&r.compiled_against, table)
+                || (r.compiled_against.name == table.name
+                    && r.compiled_against.schema == table.schema)
+        }) else {
+            return false;
+        };
+        if Arc::ptr_eq(&rule.compiled_against, table) {
+            return false;
+        }
+        let a = &rule.compiled_against.columns;
+        let b = &table.columns;
+        let same = a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.name == y.name && x.ty == y.ty);
+        if same {
+            // Same shape, another description (e.g. nullability): adopt it.
+            rule.compiled_against = table.clone();
+        }
+        !same
+    }
+
+    /// Compiles the table's mapping again against its new shape, checks the
+    /// derived schemas with the registry and registers them. Refuses (and so
+    /// stops the pipeline) when the mapping names a column that is gone, or
+    /// when the registry finds the new schema incompatible. Returns the
+    /// (subject, id) pairs now in use.
+    pub async fn refresh(
+        &mut self,
+        table: &Arc<TableInfo>,
+        registry: &RegistryClient,
+    ) -> Result<Vec<(String, Option<u32>)>, MappingError> {
+        let q = table.qualified();
+        let Some(old) = self.rules.get(&q) else {
+            return Ok(Vec::new());
+        };
+        let mapping = old.mapping.clone();
+        let mut rule = compile(&mapping, table)?;
+        rule.compiled_against = table.clone();
+        let ids = register_rule(&mut rule, registry, false).await?;
+        self.rules.insert(q, rule);
+        Ok(ids)
     }
 
     /// Maps one change into every record it publishes (the domain event,
@@ -602,7 +624,50 @@ fn compile(m: &LoadedMapping, table: &TableInfo) -> Result<TableRule, MappingErr
         schema_id: None,
         positions: None,
         debezium,
+        mapping: Arc::new(m.clone()),
+        compiled_against: Arc::new(table.clone()),
     })
+}
+
+/// Checks and registers (unless `dry_run`) every subject of one rule.
+async fn register_rule(
+    rule: &mut TableRule,
+    registry: &RegistryClient,
+    dry_run: bool,
+) -> Result<Vec<(String, Option<u32>)>, MappingError> {
+    let mut out = Vec::new();
+    let id = register_subject(
+        registry,
+        &rule.file,
+        &rule.table,
+        &rule.topic,
+        &rule.subject,
+        &rule.schema,
+        dry_run,
+    )
+    .await?;
+    rule.schema_id = id;
+    out.push((rule.subject.clone(), id));
+    if let Some(dz) = rule.debezium.as_mut() {
+        for (subject, schema, slot) in [
+            (&dz.value_subject, &dz.value_schema, &mut dz.value_schema_id),
+            (&dz.key_subject, &dz.key_schema, &mut dz.key_schema_id),
+        ] {
+            let id = register_subject(
+                registry,
+                &rule.file,
+                &rule.table,
+                &dz.topic,
+                subject,
+                schema,
+                dry_run,
+            )
+            .await?;
+            *slot = id;
+            out.push((subject.clone(), id));
+        }
+    }
+    Ok(out)
 }
 
 /// Checks `schema` against the registry's latest version of `subject` and,

@@ -39,7 +39,7 @@ use serde::Deserialize;
 use crate::config::{load_yaml, ConfigError};
 
 /// One mapping file, as written.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct MappingSpec {
     pub table: String,
@@ -74,7 +74,7 @@ const fn default_tombstones() -> bool {
 }
 
 /// Event type names per operation.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct EventNames {
     pub insert: String,
@@ -113,7 +113,7 @@ pub enum TypeOverride {
 }
 
 /// A mapping file with its path and text, for error messages.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct LoadedMapping {
     pub path: PathBuf,
     pub text: String,

@@ -528,7 +528,12 @@ impl PgSource {
                 type_name,
                 ty,
                 nullable,
-                key: c.key,
+                // The primary key from the catalog: under REPLICA IDENTITY
+                // FULL the Relation message flags every column as key.
+                key: known
+                    .as_ref()
+                    .and_then(|k| k.columns.iter().find(|kc| kc.name == c.name))
+                    .is_some_and(|kc| kc.key),
             });
         }
         let info = TableInfo {
