@@ -79,12 +79,16 @@ pub fn load_yaml<T: DeserializeOwned>(path: &Path) -> Result<(T, String), Config
             line: loc.as_ref().map(serde_yaml::Location::line),
             column: loc.as_ref().map(serde_yaml::Location::column),
             field: None,
-            message: e
-                .to_string()
-                .split(" at line ")
-                .next()
-                .unwrap_or_default()
-                .to_string(),
+            // Drop the location the prefix already gives, keep the rest
+            // (it can point elsewhere: "while scanning a quoted scalar at line 4").
+            message: match &loc {
+                Some(l) => e.to_string().replacen(
+                    &format!(" at line {} column {}", l.line(), l.column()),
+                    "",
+                    1,
+                ),
+                None => e.to_string(),
+            },
         }
     })?;
     Ok((value, text))

@@ -39,8 +39,22 @@ pub enum PipelineError {
     Source(#[from] PgError),
     #[error(transparent)]
     Sink(#[from] SinkError),
-    #[error("{} problems found:\n{}", .0.len(), .0.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    #[error("{}", problems_text(.0))]
     Many(Vec<String>),
+}
+
+fn problems_text(problems: &[String]) -> String {
+    match problems {
+        [one] => one.clone(),
+        many => format!(
+            "{} problems found:\n{}",
+            many.len(),
+            many.iter()
+                .map(|p| format!("  - {p}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ),
+    }
 }
 
 impl From<MappingError> for PipelineError {

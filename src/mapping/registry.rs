@@ -93,6 +93,8 @@ fn error_message(body: &[u8]) -> String {
 pub struct RegistryClient {
     http: reqwest::Client,
     base: String,
+    /// `base` with any password replaced, for messages.
+    shown: String,
     auth: Option<(String, Option<String>)>,
 }
 
@@ -108,12 +110,16 @@ impl RegistryClient {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| RegistryError::Unreachable {
-                url: base.to_string(),
-                reason: e.to_string(),
+                url: crate::config::redact_url(base),
+                reason: e
+                    .to_string()
+                    .replace(base, &crate::config::redact_url(base)),
             })?;
+        let base = base.trim_end_matches('/').to_string();
         Ok(RegistryClient {
             http,
-            base: base.trim_end_matches('/').to_string(),
+            shown: crate::config::redact_url(&base),
+            base,
             auth: username.map(|u| (u, password)),
         })
     }
@@ -136,13 +142,13 @@ impl RegistryClient {
             .send()
             .await
             .map_err(|e| RegistryError::Unreachable {
-                url: self.base.clone(),
-                reason: format!("{what}: {e}"),
+                url: self.shown.clone(),
+                reason: format!("{what}: {e}").replace(&self.base, &self.shown),
             })?;
         let status = resp.status().as_u16();
         let body = resp.bytes().await.map_err(|e| RegistryError::Unreachable {
-            url: self.base.clone(),
-            reason: format!("{what}: reading the answer: {e}"),
+            url: self.shown.clone(),
+            reason: format!("{what}: reading the answer: {e}").replace(&self.base, &self.shown),
         })?;
         if status == 401 || status == 403 {
             return Err(RegistryError::Auth { status });

@@ -62,7 +62,7 @@ pub const SESSION_OPTIONS: &str =
 pub enum PgError {
     #[error("cannot connect to PostgreSQL at {url}: {reason}; check source.postgres.url, that the server is running, and the user and password")]
     Connect { url: String, reason: String },
-    #[error("PostgreSQL: {what}: {source}")]
+    #[error("PostgreSQL: {what}: {}", pg_text(source))]
     Query {
         what: String,
         #[source]
@@ -134,6 +134,25 @@ pub struct PgSource {
     acked: Lsn,
 }
 
+/// The server's own words for an error (`password authentication failed
+/// for user "x"`), or the client's with its cause (`connection refused`).
+pub fn pg_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{}: {}", db.severity(), db.message());
+        if let Some(hint) = db.hint() {
+            s.push_str(&format!(" (hint: {hint})"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
 /// Opens an ordinary connection (session settings applied).
 pub async fn connect_plain(url: &str) -> Result<Client, PgError> {
     let (client, conn) =
@@ -141,7 +160,7 @@ pub async fn connect_plain(url: &str) -> Result<Client, PgError> {
             .await
             .map_err(|e| PgError::Connect {
                 url: redact_url(url),
-                reason: e.to_string(),
+                reason: pg_text(&e),
             })?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
