@@ -140,24 +140,58 @@ async fn run(config: PathBuf) -> ExitCode {
         });
     }
     let span = tracing::info_span!("pipeline", pipeline = %cfg.config.name);
-    let result = pipeline::run(&cfg, stop).instrument(span).await;
-    match result {
-        Ok(stats) => {
-            tracing::info!(
-                events = stats.events_published,
-                snapshot_rows = stats.snapshot_rows,
-                "exiting"
-            );
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "pipeline stopped");
-            unilog::telemetry::health().failed(&cfg.config.name, &e.to_string());
-            record_error(&cfg, &e.to_string());
-            eprintln!("error: {e}");
-            ExitCode::from(1)
+    // Transient failures (a server down for a while) restart the pipeline
+    // with backoff: positions are durable, so it resumes where Kafka's last
+    // confirmation left it. Anything else stops with the reason.
+    let mut attempt = 0u32;
+    loop {
+        let started = std::time::Instant::now();
+        let result = pipeline::run(&cfg, stop.clone())
+            .instrument(span.clone())
+            .await;
+        match result {
+            Ok(stats) => {
+                tracing::info!(
+                    events = stats.events_published,
+                    snapshot_rows = stats.snapshot_rows,
+                    "exiting"
+                );
+                return ExitCode::SUCCESS;
+            }
+            Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
+                if started.elapsed() > std::time::Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                attempt += 1;
+                let delay = backoff(attempt);
+                tracing::warn!(error = %e, attempt, retry_in_secs = delay.as_secs_f64(), "pipeline failed; retrying");
+                unilog::telemetry::health().failed(&cfg.config.name, &e.to_string());
+                record_error(&cfg, &e.to_string());
+                let until = std::time::Instant::now() + delay;
+                while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                if stop.load(Ordering::Relaxed) {
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pipeline stopped");
+                unilog::telemetry::health().failed(&cfg.config.name, &e.to_string());
+                record_error(&cfg, &e.to_string());
+                eprintln!("error: {e}");
+                return ExitCode::from(1);
+            }
         }
     }
+}
+
+/// Exponential backoff with jitter: about 0.5 s, 1 s, 2 s ... up to 30 s.
+fn backoff(attempt: u32) -> std::time::Duration {
+    use rand::Rng;
+    let base = 0.5 * f64::from(1u32 << attempt.min(6).saturating_sub(1));
+    let capped = base.min(30.0);
+    std::time::Duration::from_secs_f64(capped * rand::rng().random_range(0.75..1.25))
 }
 
 /// Keeps the last error in the pipeline's checkpoint, for `unilog status`.

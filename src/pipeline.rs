@@ -43,6 +43,20 @@ pub enum PipelineError {
     Many(Vec<String>),
 }
 
+impl PipelineError {
+    /// Whether restarting the pipeline later may succeed: a server that
+    /// is unreachable or a connection that dropped. Bad configuration, bad
+    /// mappings and refused schemas are not.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            PipelineError::Source(e) => e.is_transient(),
+            PipelineError::Sink(e) => e.is_transient(),
+            PipelineError::Mapping(e) => e.is_transient(),
+            PipelineError::Config(_) | PipelineError::Many(_) => false,
+        }
+    }
+}
+
 fn problems_text(problems: &[String]) -> String {
     match problems {
         [one] => one.clone(),

@@ -70,6 +70,8 @@ pub enum PgError {
     },
     #[error("PostgreSQL: {0}")]
     Setup(String),
+    #[error("PostgreSQL: {0}")]
+    SlotBusy(String),
     #[error("replication stream: {0}")]
     Replication(String),
     #[error("cannot decode a pgoutput message at {lsn}: {reason}")]
@@ -87,7 +89,18 @@ pub enum PgError {
 impl PgError {
     /// Worth restarting for (connections drop; data errors do not heal).
     pub fn is_transient(&self) -> bool {
-        matches!(self, PgError::Connect { .. } | PgError::Replication(_))
+        match self {
+            PgError::Connect { .. } | PgError::Replication(_) | PgError::SlotBusy(_) => true,
+            // A dropped connection, a server shutting down, too many connections.
+            PgError::Query { source, .. } => {
+                source.is_closed()
+                    || source.as_db_error().is_some_and(|d| {
+                        let c = d.code().code();
+                        c.starts_with("08") || c.starts_with("57") || c == "53300"
+                    })
+            }
+            _ => false,
+        }
     }
 }
 
@@ -407,8 +420,8 @@ impl PgSource {
                 )));
             }
             if active {
-                return Err(PgError::Setup(format!(
-                    "slot `{slot}` is in use by another process (another unilog running this pipeline?)"
+                return Err(PgError::SlotBusy(format!(
+                    "slot `{slot}` is in use by another process (another unilog running this pipeline, or the server has not yet noticed that a previous one died)"
                 )));
             }
             let resumable = !snapshot_needed || (same_slot && self.state.snapshot_complete);

