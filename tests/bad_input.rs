@@ -56,6 +56,37 @@ async fn unilog(cmd: &str, config: &Path) -> Outcome {
     }
 }
 
+/// Starts `unilog run` against a server that is down: it must keep
+/// retrying (not exit) and say why, naming `needles`. Returns stderr.
+async fn run_waits(config: &Path, wait: Duration, needles: &[&str]) -> String {
+    let log = config.with_file_name("run-waits.log");
+    let mut child = tokio::process::Command::new(unilog_bin())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn,unilog=info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn unilog");
+    tokio::time::sleep(wait).await;
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        child.try_wait().expect("poll unilog").is_none(),
+        "`unilog run` exited instead of waiting for the server:\n{stderr}"
+    );
+    let _ = child.kill().await;
+    assert!(stderr.contains("retrying"), "no retry in:\n{stderr}");
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "`unilog run`: stderr lacks {n:?}:\n{stderr}"
+        );
+    }
+    stderr
+}
+
 /// Runs `cmd` and checks its exit code and that stderr contains every
 /// one of `needles`. Returns stderr.
 async fn expect(cmd: &str, config: &Path, code: i32, needles: &[&str]) -> String {
@@ -350,19 +381,16 @@ async fn unreachable_postgres_names_the_url_without_the_password() {
     );
     let p = write(dir.path(), "p.yaml", &text);
     let url = format!("postgres://unilog:***@127.0.0.1:{port}/db");
-    for (cmd, code) in [("check", 2), ("run", 1)] {
-        let err = expect(
-            cmd,
-            &p,
-            code,
-            &[
-                &format!("cannot connect to PostgreSQL at {url}"),
-                "check source.postgres.url, that the server is running",
-            ],
-        )
-        .await;
-        assert!(!err.contains(&password), "password leaked: {err}");
-    }
+    let needles = [
+        format!("cannot connect to PostgreSQL at {url}"),
+        "check source.postgres.url, that the server is running".to_string(),
+    ];
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let err = expect("check", &p, 2, &needles).await;
+    assert!(!err.contains(&password), "password leaked: {err}");
+    // `run` waits for the server, retrying with backoff.
+    let err = run_waits(&p, Duration::from_secs(4), &needles).await;
+    assert!(!err.contains(&password), "password leaked: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -387,15 +415,13 @@ async fn unreachable_kafka_fails_check_in_bounded_time_naming_the_brokers() {
     // Bounded: check gives Kafka 10 s; the child timeout is the hang guard.
     assert!(out.elapsed < CHILD_TIMEOUT, "{:?}", out.elapsed);
     assert_nothing_written(&db).await;
-    // `run` fails the same way (exit 1) before it creates a slot.
-    let out = unilog("run", &fx.config).await;
-    assert_eq!(out.code, Some(1), "{}", out.stderr);
-    assert!(
-        out.stderr
-            .contains(&format!("error: kafka: brokers {brokers} unreachable")),
-        "{}",
-        out.stderr
-    );
+    // `run` waits for the broker, retrying with backoff, and creates no slot meanwhile.
+    run_waits(
+        &fx.config,
+        Duration::from_secs(14),
+        &[&format!("kafka: brokers {brokers} unreachable")],
+    )
+    .await;
     assert_eq!(slots_of(&db).await, 0, "no slot without Kafka");
     db.cleanup().await;
 }
@@ -412,20 +438,16 @@ async fn unreachable_registry_names_the_url_without_the_password() {
         &format!("url: {}", stack.registry),
         &format!("url: {url}\n  username: reg\n  password: {password}"),
     );
-    for (cmd, code) in [("check", 2), ("run", 1)] {
-        let err = expect(
-            cmd,
-            &fx.config,
-            code,
-            &[
-                &format!("items.yaml: schema registry at {url} is unreachable"),
-                &format!("subject `{topic}-value`"),
-                "check schema_registry.url and that the registry is running",
-            ],
-        )
-        .await;
-        assert!(!err.contains(&password), "password leaked: {err}");
-    }
+    let needles = [
+        format!("items.yaml: schema registry at {url} is unreachable"),
+        format!("subject `{topic}-value`"),
+        "check schema_registry.url and that the registry is running".to_string(),
+    ];
+    let needles: Vec<&str> = needles.iter().map(String::as_str).collect();
+    let err = expect("check", &fx.config, 2, &needles).await;
+    assert!(!err.contains(&password), "password leaked: {err}");
+    let err = run_waits(&fx.config, Duration::from_secs(4), &needles).await;
+    assert!(!err.contains(&password), "password leaked: {err}");
     assert_nothing_written(&db).await;
     db.cleanup().await;
 }

@@ -61,7 +61,13 @@ pub const SESSION_OPTIONS: &str =
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
     #[error("cannot connect to PostgreSQL at {url}: {reason}; check source.postgres.url, that the server is running, and the user and password")]
-    Connect { url: String, reason: String },
+    Connect {
+        url: String,
+        reason: String,
+        /// The server could not be reached (worth retrying), as opposed to
+        /// a refusal such as a wrong password or a missing database.
+        unreachable: bool,
+    },
     #[error("PostgreSQL: {what}: {}", pg_text(source))]
     Query {
         what: String,
@@ -90,7 +96,8 @@ impl PgError {
     /// Worth restarting for (connections drop; data errors do not heal).
     pub fn is_transient(&self) -> bool {
         match self {
-            PgError::Connect { .. } | PgError::Replication(_) | PgError::SlotBusy(_) => true,
+            PgError::Connect { unreachable, .. } => *unreachable,
+            PgError::Replication(_) | PgError::SlotBusy(_) => true,
             // A dropped connection, a server shutting down, too many connections.
             PgError::Query { source, .. } => {
                 source.is_closed()
@@ -174,6 +181,10 @@ pub async fn connect_plain(url: &str) -> Result<Client, PgError> {
             .map_err(|e| PgError::Connect {
                 url: redact_url(url),
                 reason: pg_text(&e),
+                unreachable: e.as_db_error().is_none_or(|d| {
+                    let c = d.code().code();
+                    c.starts_with("08") || c.starts_with("57") || c == "53300"
+                }),
             })?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -350,6 +361,7 @@ impl PgSource {
         let bad = |reason: String| PgError::Connect {
             url: redact_url(&self.settings.url),
             reason,
+            unreachable: false,
         };
         let pc =
             tokio_postgres::Config::from_str(&self.settings.url).map_err(|e| bad(e.to_string()))?;
