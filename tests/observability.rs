@@ -136,11 +136,7 @@ async fn metrics_health_ready_and_status() {
     );
 
     // `status --json` while running.
-    let out = std::process::Command::new(unilog_bin())
-        .args(["status", "--json", "--config"])
-        .arg(&fx.config)
-        .output()
-        .unwrap();
+    let out = unilog_output(&["status", "--json"], &fx.config);
     assert!(
         out.status.success(),
         "{}",
@@ -154,16 +150,9 @@ async fn metrics_health_ready_and_status() {
     assert_eq!(status["topics"][0]["schema"]["version"], 1);
     assert!(status["retained_wal_bytes"].is_number());
 
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    assert!(child.wait().unwrap().success());
+    assert!(sigterm(&mut child).success());
     // The human table names the table, topic and schema version.
-    let out = std::process::Command::new(unilog_bin())
-        .args(["status", "--config"])
-        .arg(&fx.config)
-        .output()
-        .unwrap();
+    let out = unilog_output(&["status"], &fx.config);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("public.items") && text.contains(&topic) && text.contains("v1 / id"),

@@ -29,13 +29,6 @@ impl Drop for Killed {
     }
 }
 
-fn sigterm(child: &mut Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    child.wait().unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_registry_that_is_down_at_start_is_waited_for() {
     let stack = Stack::from_env();

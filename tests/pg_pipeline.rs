@@ -365,10 +365,7 @@ async fn kill_and_restart_resumes_without_loss() {
     let expected = table_state(&db).await;
     let events = read_events(&stack, &topic, changes).await;
     // SIGTERM: clean stop.
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let status = child.wait().unwrap();
+    let status = sigterm(&mut child);
     assert!(status.success(), "clean stop exits 0, got {status}");
 
     // Every change is there; repeats carry the same dedup id and the same content.
@@ -402,11 +399,7 @@ async fn check_refuses_a_missing_column_and_writes_nothing() {
     let (db, topic) = items_db(&stack).await;
     let bad = format!("{}columns:\n  id:\n  value:\n", items_mapping(&topic));
     let fx = Fixture::new(&stack, &db, &[("items.yaml", bad)], "");
-    let out = std::process::Command::new(unilog_bin())
-        .args(["check", "--config"])
-        .arg(&fx.config)
-        .output()
-        .unwrap();
+    let out = unilog_output(&["check"], &fx.config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(
@@ -418,11 +411,7 @@ async fn check_refuses_a_missing_column_and_writes_nothing() {
 
     // A good mapping passes `check`, which creates no slot and no publication.
     std::fs::write(fx.dir.path().join("items.yaml"), items_mapping(&topic)).unwrap();
-    let out = std::process::Command::new(unilog_bin())
-        .args(["check", "--config"])
-        .arg(&fx.config)
-        .output()
-        .unwrap();
+    let out = unilog_output(&["check"], &fx.config);
     assert!(
         out.status.success(),
         "{}",
@@ -467,11 +456,7 @@ async fn incompatible_schema_is_refused_with_the_registry_verdict() {
     assert!(resp.status().is_success());
     let fx = Fixture::new(&stack, &db, &[("items.yaml", items_mapping(&topic))], "");
     for cmd in ["check", "run"] {
-        let out = std::process::Command::new(unilog_bin())
-            .args([cmd, "--config"])
-            .arg(&fx.config)
-            .output()
-            .unwrap();
+        let out = unilog_output(&[cmd], &fx.config);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success(),

@@ -462,3 +462,21 @@ pub async fn decode_all(dec: &mut Decoder, records: &[Record]) -> Vec<Json> {
 pub fn unilog_bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_unilog"))
 }
+
+/// Runs `unilog <cmd> --config <config>` to completion.
+pub fn unilog_output(args: &[&str], config: &Path) -> std::process::Output {
+    std::process::Command::new(unilog_bin())
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .output()
+        .expect("run unilog")
+}
+
+/// Sends SIGTERM and waits for the exit.
+pub fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    child.wait().expect("wait for unilog")
+}
