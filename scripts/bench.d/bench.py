@@ -44,6 +44,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
+from pgurl import lsn_fmt, lsn_parse, mask, pg_target, with_db  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 DOC = os.path.join(REPO, "docs", "BENCHMARKS.md")
@@ -64,37 +67,6 @@ def log(msg):
 
 # ---------------------------------------------------------------------------------------------
 # small helpers
-
-
-def lsn_parse(text):
-    hi, lo = text.strip().split("/")
-    return (int(hi, 16) << 32) | int(lo, 16)
-
-
-def lsn_fmt(value):
-    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
-
-
-def with_db(url, db):
-    """The URL with its database replaced."""
-    u = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((u.scheme, u.netloc, "/" + db, u.query, u.fragment))
-
-
-def pg_target(url):
-    """(URL without its password, environment with PGPASSWORD): passwords stay out of argv."""
-    u = urllib.parse.urlsplit(url)
-    env = dict(os.environ, PGCONNECT_TIMEOUT="10")
-    if u.password is None:
-        return url, env
-    env["PGPASSWORD"] = urllib.parse.unquote(u.password)
-    netloc = u.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urllib.parse.urlunsplit((u.scheme, f"{user}@{netloc[1]}", u.path, u.query, u.fragment)), env
-
-
-def mask(url):
-    return re.sub(r"//([^:/@]*):[^@]*@", r"//\1:***@", url)
 
 
 def percentile(pairs, q):
