@@ -45,7 +45,8 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
-from pgurl import lsn_fmt, lsn_parse, mask, pg_target, with_db  # noqa: E402
+import pgtools  # noqa: E402
+from pgtools import lsn_fmt, lsn_parse, mask, pg_target, with_db  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
@@ -119,74 +120,14 @@ def proc_status_kb(pid, key):
     return None
 
 
-class Psql:
-    """A long-lived psql session: one query at a time, answers read with a deadline."""
-
-    def __init__(self, psql, url, timeout=15):
-        self.timeout = timeout
-        self.err = tempfile.TemporaryFile()
-        url, env = pg_target(url)
-        self.p = subprocess.Popen(
-            [psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", url],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.err,
-            env=env,
-        )
-        self.buf = b""
-
-    def query(self, sql):
-        """Rows of the query as lists of strings (fields split on '|')."""
-        sql = sql.strip().rstrip(";") + ";"
-        self.p.stdin.write(sql.encode() + b"\n\\echo __bench_end__\n")
-        self.p.stdin.flush()
-        deadline = time.monotonic() + self.timeout
-        rows = []
-        while True:
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                line = line.decode()
-                if line == "__bench_end__":
-                    return rows
-                rows.append(line.split("|"))
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise BenchError(f"psql did not answer within {self.timeout}s: {sql}")
-            ready, _, _ = select.select([self.p.stdout], [], [], left)
-            if ready:
-                chunk = os.read(self.p.stdout.fileno(), 65536)
-                if not chunk:
-                    self.err.seek(0)
-                    raise BenchError(
-                        f"psql ended while running: {sql}\n{self.err.read().decode(errors='replace')}"
-                    )
-                self.buf += chunk
-
-    def close(self):
-        try:
-            self.p.stdin.close()
-            self.p.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            self.p.kill()
-            self.p.wait()
+class Psql(pgtools.Psql):
+    error = BenchError
 
 
 def sql(psql, url, query, timeout=60):
-    """Runs one statement with a fresh psql; returns rows."""
-    target, env = pg_target(url)
-    try:
-        r = subprocess.run(
-            [psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", query, target],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        raise BenchError(f"psql timed out after {timeout}s on {mask(url)}: {query}") from None
-    if r.returncode != 0:
-        raise BenchError(f"psql failed on {mask(url)}: {query}\n{r.stderr.strip()}")
-    return [line.split("|") for line in r.stdout.splitlines() if line]
+    """One statement with a fresh psql; rows split on '|'."""
+    return pgtools.sql(psql, url, query, timeout, BenchError)
+
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ import urllib.parse
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "lib"))
-from pgurl import lsn_fmt, lsn_parse, mask, pg_target, with_db  # noqa: E402
+import pgtools  # noqa: E402
+from pgtools import lsn_fmt, lsn_parse, mask, pg_target, with_db  # noqa: E402
 
 try:
     from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -70,63 +71,14 @@ def log(msg):
     print(f"crash-test: {msg}", file=sys.stderr, flush=True)
 
 
-class Psql:
-    """A long-lived psql session: one query at a time, answers read with a deadline."""
-
-    def __init__(self, psql, url, timeout=15):
-        self.timeout = timeout
-        self.err = tempfile.TemporaryFile()
-        url, env = pg_target(url)
-        self.p = subprocess.Popen(
-            [psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", url],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, env=env,
-            start_new_session=True)
-        self.buf = b""
-
-    def query(self, q):
-        q = q.strip().rstrip(";") + ";"
-        self.p.stdin.write(q.encode() + b"\n\\echo __crash_end__\n")
-        self.p.stdin.flush()
-        deadline = time.monotonic() + self.timeout
-        rows = []
-        while True:
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                line = line.decode()
-                if line == "__crash_end__":
-                    return rows
-                rows.append(line.split("|"))
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TestError(f"psql did not answer within {self.timeout}s: {q}")
-            ready, _, _ = select.select([self.p.stdout], [], [], left)
-            if ready:
-                chunk = os.read(self.p.stdout.fileno(), 65536)
-                if not chunk:
-                    self.err.seek(0)
-                    raise TestError(f"psql ended while running: {q}\n{self.err.read().decode(errors='replace')}")
-                self.buf += chunk
-
-    def close(self):
-        try:
-            self.p.stdin.close()
-            self.p.wait(timeout=5)
-        except (OSError, subprocess.TimeoutExpired):
-            self.p.kill()
-            self.p.wait()
+class Psql(pgtools.Psql):
+    error = TestError
 
 
 def sql(psql, url, query, timeout=60):
     """One statement with a fresh psql; rows split on '|'."""
-    target, env = pg_target(url)
-    try:
-        r = subprocess.run([psql, "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", query, target],
-                           capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        raise TestError(f"psql timed out after {timeout}s on {mask(url)}: {query}") from None
-    if r.returncode != 0:
-        raise TestError(f"psql failed on {mask(url)}: {query}\n{r.stderr.strip()}")
-    return [line.split("|") for line in r.stdout.splitlines() if line]
+    return pgtools.sql(psql, url, query, timeout, TestError)
+
 
 
 # ---------------------------------------------------------------------------------------------
