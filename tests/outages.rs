@@ -5,28 +5,53 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Starts `unilog run` on a pipeline whose `registry` or `brokers` point at
+/// a server that is not up yet. Returns the fixture, the process and its
+/// log file.
+fn start_while_down(
+    stack: &Stack,
+    db: &TestDb,
+    topic: &str,
+    brokers: &str,
+    registry: &str,
+) -> (Fixture, Killed, PathBuf) {
+    let own_stack = Stack {
+        pg_url: stack.pg_url.clone(),
+        pg_admin_url: stack.pg_admin_url.clone(),
+        brokers: brokers.to_string(),
+        registry: registry.to_string(),
+    };
+    let mapping = format!("table: items\ntopic: {topic}\nevents: {{insert: ItemAdded, update: ItemChanged, delete: ItemRemoved}}\n");
+    let fx = Fixture::new(&own_stack, db, &[("items.yaml", mapping)], "");
+    let log = fx.dir.path().join("unilog.log");
+    let unilog = Killed(
+        Command::new(unilog_bin())
+            .args(["run", "--config"])
+            .arg(&fx.config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    (fx, unilog, log)
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// Down for a while: unilog keeps retrying and does not exit.
+async fn assert_still_waiting(unilog: &mut Killed, log: &Path) {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        unilog.0.try_wait().unwrap().is_none(),
+        "unilog gave up: {}",
+        std::fs::read_to_string(log).unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -40,32 +65,8 @@ async fn a_registry_that_is_down_at_start_is_waited_for() {
     let topic = format!("it.out.{}", suffix());
     let port = free_port();
     let registry = format!("http://127.0.0.1:{port}");
-    let own_stack = Stack {
-        pg_url: stack.pg_url.clone(),
-        pg_admin_url: stack.pg_admin_url.clone(),
-        brokers: stack.brokers.clone(),
-        registry: registry.clone(),
-    };
-    let mapping = format!("table: items\ntopic: {topic}\nevents: {{insert: ItemAdded, update: ItemChanged, delete: ItemRemoved}}\n");
-    let fx = Fixture::new(&own_stack, &db, &[("items.yaml", mapping)], "");
-    let log = fx.dir.path().join("unilog.log");
-    // Killed on drop, so a failing test leaves no pipeline running.
-    let mut unilog = Killed(
-        Command::new(unilog_bin())
-            .args(["run", "--config"])
-            .arg(&fx.config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    // Down for a while: unilog keeps retrying and does not exit.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        unilog.0.try_wait().unwrap().is_none(),
-        "unilog gave up: {}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    let (fx, mut unilog, log) = start_while_down(&stack, &db, &topic, &stack.brokers, &registry);
+    assert_still_waiting(&mut unilog, &log).await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("retrying") && text.contains(&format!("127.0.0.1:{port}")),
@@ -129,31 +130,8 @@ async fn a_broker_that_is_down_at_start_is_waited_for() {
     let topic = format!("it.out.{}", suffix());
     let port = free_port();
     let brokers = format!("127.0.0.1:{port}");
-    let own_stack = Stack {
-        pg_url: stack.pg_url.clone(),
-        pg_admin_url: stack.pg_admin_url.clone(),
-        brokers: brokers.clone(),
-        registry: stack.registry.clone(),
-    };
-    let mapping = format!("table: items\ntopic: {topic}\nevents: {{insert: ItemAdded, update: ItemChanged, delete: ItemRemoved}}\n");
-    let fx = Fixture::new(&own_stack, &db, &[("items.yaml", mapping)], "");
-    let log = fx.dir.path().join("unilog.log");
-    // Killed on drop, so a failing test leaves no pipeline running.
-    let mut unilog = Killed(
-        Command::new(unilog_bin())
-            .args(["run", "--config"])
-            .arg(&fx.config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        unilog.0.try_wait().unwrap().is_none(),
-        "unilog gave up: {}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    let (fx, mut unilog, log) = start_while_down(&stack, &db, &topic, &brokers, &stack.registry);
+    assert_still_waiting(&mut unilog, &log).await;
 
     let url = format!("tcp://{brokers}");
     let _broker = Killed(

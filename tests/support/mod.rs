@@ -480,3 +480,22 @@ pub fn sigterm(child: &mut std::process::Child) -> std::process::ExitStatus {
         .status();
     child.wait().expect("wait for unilog")
 }
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local address")
+        .port()
+}
+
+/// A child process killed on drop, so a failing test leaves nothing running.
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
