@@ -87,14 +87,19 @@ fn event(op: Op, before: Option<Vec<Value>>, after: Option<Vec<Value>>) -> Chang
 fn decode(m: &Mapper, d: &DomainEvent) -> Vec<(String, Avro)> {
     let (_, schema_text) = &m.schemas()[0];
     let schema = Schema::parse_str(schema_text).unwrap();
-    let payload = d.payload.as_deref().expect("not a tombstone");
-    assert_eq!(payload[0], 0, "magic byte");
-    assert_eq!(
-        u32::from_be_bytes(payload[1..5].try_into().unwrap()),
-        d.schema_id
-    );
-    let mut body = &payload[5..];
-    let v = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+    decode_framed(
+        &schema,
+        d.payload.as_deref().expect("not a tombstone"),
+        d.schema_id,
+    )
+}
+
+/// Decodes a Confluent-framed record against `schema`, checking the frame.
+pub(crate) fn decode_framed(schema: &Schema, framed: &[u8], id: u32) -> Vec<(String, Avro)> {
+    assert_eq!(framed[0], 0, "magic byte");
+    assert_eq!(u32::from_be_bytes(framed[1..5].try_into().unwrap()), id);
+    let mut body = &framed[5..];
+    let v = apache_avro::reader::datum::GenericDatumReader::builder(schema)
         .build()
         .unwrap()
         .read_value(&mut body)
@@ -106,7 +111,8 @@ fn decode(m: &Mapper, d: &DomainEvent) -> Vec<(String, Avro)> {
     }
 }
 
-fn field<'a>(rec: &'a [(String, Avro)], name: &str) -> &'a Avro {
+/// A record's field by name.
+pub(crate) fn field<'a>(rec: &'a [(String, Avro)], name: &str) -> &'a Avro {
     &rec.iter()
         .find(|(n, _)| n == name)
         .unwrap_or_else(|| panic!("no field {name}"))

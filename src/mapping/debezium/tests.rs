@@ -8,6 +8,7 @@ use apache_avro::Schema;
 
 use super::*;
 use crate::event::{Lsn, SeqKey, SourceMeta};
+use crate::mapping::tests::{decode_framed, field};
 use crate::mapping::Mapper;
 
 fn col(name: &str, ty: ColumnType, nullable: bool) -> ColumnInfo {
@@ -124,30 +125,6 @@ fn schema_of(m: &Mapper, subject: &str) -> Schema {
     Schema::parse_str(&text).unwrap()
 }
 
-/// Decodes a Confluent-framed record against `schema`.
-fn decode(schema: &Schema, framed: &[u8], id: u32) -> Vec<(String, Avro)> {
-    assert_eq!(framed[0], 0, "magic byte");
-    assert_eq!(u32::from_be_bytes(framed[1..5].try_into().unwrap()), id);
-    let mut body = &framed[5..];
-    let v = apache_avro::reader::datum::GenericDatumReader::builder(schema)
-        .build()
-        .unwrap()
-        .read_value(&mut body)
-        .unwrap();
-    assert!(body.is_empty(), "trailing bytes after the record");
-    match v {
-        Avro::Record(fields) => fields,
-        other => panic!("not a record: {other:?}"),
-    }
-}
-
-fn field<'a>(rec: &'a [(String, Avro)], name: &str) -> &'a Avro {
-    &rec.iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no field {name}"))
-        .1
-}
-
 /// The record inside `["null", record]`, or None.
 fn inner(v: &Avro) -> Option<&[(String, Avro)]> {
     match v {
@@ -171,12 +148,12 @@ fn string(s: &str) -> Avro {
 /// (op, before, after, source) of a Debezium value.
 fn envelope(m: &Mapper, d: &DomainEvent) -> Vec<(String, Avro)> {
     let schema = schema_of(m, "legacy.public.users-value");
-    decode(&schema, d.payload.as_deref().expect("a value"), d.schema_id)
+    decode_framed(&schema, d.payload.as_deref().expect("a value"), d.schema_id)
 }
 
 fn key_of(m: &Mapper, d: &DomainEvent) -> Vec<(String, Avro)> {
     let schema = schema_of(m, "legacy.public.users-key");
-    decode(&schema, d.key.as_deref().expect("a key"), 3)
+    decode_framed(&schema, d.key.as_deref().expect("a key"), 3)
 }
 
 fn op_of(rec: &[(String, Avro)]) -> &str {
