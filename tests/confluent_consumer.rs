@@ -39,21 +39,6 @@ columns:\n  id: account_id\n  owner: {{ as: holder }}\n  balance:\n  opened_at:\
     )
 }
 
-/// The stack's venv python (`$UNILOG_STACK_DIR/venv`, default `<repo>/.stack/venv`).
-fn venv_python() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let stack_dir = std::env::var_os("UNILOG_STACK_DIR")
-        .filter(|d| !d.is_empty())
-        .map_or_else(|| root.join(".stack"), |d| root.join(d));
-    let py = stack_dir.join("venv/bin/python");
-    assert!(
-        py.exists(),
-        "{} is missing: run `scripts/stack up` (it installs confluent-kafka into .stack/venv)",
-        py.display()
-    );
-    py
-}
-
 /// Runs `scripts/consume --json` and returns its JSON lines.
 async fn confluent_consume(stack: &Stack, topic: &str, count: usize) -> Vec<Json> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));

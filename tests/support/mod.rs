@@ -499,3 +499,19 @@ impl Drop for Killed {
         let _ = self.0.wait();
     }
 }
+
+/// The stack's venv python (`$UNILOG_STACK_DIR/venv`, default `<repo>/.stack/venv`),
+/// which has confluent-kafka and the local broker.
+pub fn venv_python() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let stack_dir = std::env::var_os("UNILOG_STACK_DIR")
+        .filter(|d| !d.is_empty())
+        .map_or_else(|| root.join(".stack"), |d| root.join(d));
+    let py = stack_dir.join("venv/bin/python");
+    assert!(
+        py.exists(),
+        "{} is missing: run `scripts/stack up` (it installs confluent-kafka into .stack/venv)",
+        py.display()
+    );
+    py
+}
