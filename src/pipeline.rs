@@ -407,7 +407,6 @@ pub async fn check(cfg: &LoadedConfig) -> Result<Vec<String>, PipelineError> {
         cfg.config.kafka.brokers,
         prepared.mapper.topics().join(", ")
     ));
-    drop(prepared.registry);
     Ok(report)
 }
 
