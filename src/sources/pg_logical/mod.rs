@@ -46,7 +46,8 @@ use tokio_postgres::{Client, NoTls};
 use crate::checkpoint::{CheckpointError, CheckpointStore, FileCheckpointStore, PgCheckpoint};
 use crate::config::{redact_url, SnapshotMode};
 use crate::event::{
-    ChangeEvent, ColumnInfo, Lsn, Op, Position, Row, SeqKey, SourceMeta, TableInfo, Value,
+    ChangeEvent, ColumnInfo, Lsn, Op, Position, Row, SeqKey, SourceKind, SourceMeta, TableInfo,
+    Value,
 };
 use crate::sources::{Source, SourceBatch};
 use catalog::{quote_ident, Catalog};
@@ -581,6 +582,7 @@ impl PgSource {
             });
         }
         let info = TableInfo {
+            kind: SourceKind::Postgres,
             database: self.database.clone(),
             schema: body.namespace,
             name: body.name,
@@ -623,6 +625,8 @@ impl PgSource {
         };
         txn.ordinal += 1;
         Ok(ChangeEvent {
+            id: None,
+            changed: None,
             table,
             op,
             seq,
@@ -741,12 +745,13 @@ pub fn parse_column(col: &ColumnInfo, bytes: &[u8]) -> Value {
 
 impl Source for PgSource {
     type Error = PgError;
+    type Position = Position;
 
     async fn next_batch(
         &mut self,
         max_events: usize,
         max_wait: Duration,
-    ) -> Result<SourceBatch, PgError> {
+    ) -> Result<SourceBatch<Position>, PgError> {
         let mut batch = SourceBatch::default();
         let idle_wait = Duration::from_millis(200).max(max_wait);
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -845,5 +850,13 @@ impl Source for PgSource {
             self.last_saved = Instant::now();
         }
         Ok(())
+    }
+
+    fn lag_bytes(&self) -> Option<u64> {
+        Some(PgSource::lag_bytes(self))
+    }
+
+    async fn shutdown(&mut self) -> Result<(), PgError> {
+        PgSource::shutdown(self).await
     }
 }
