@@ -621,8 +621,12 @@ where
             } else {
                 publisher.publish(b.events, b.position).await?
             };
+            // Every position, in order: a source may need each (MongoDB's
+            // copy positions say which collection is done).
+            for p in &acks {
+                source.ack(p.clone())?;
+            }
             if let Some(last) = acks.last() {
-                source.ack(last.clone())?;
                 publisher.stats.last_acked = Some(last.to_string());
                 health().progressed();
                 #[allow(clippy::cast_precision_loss)]
@@ -658,8 +662,10 @@ where
     // Whatever happened, acknowledge what was delivered.
     let drained = publisher.drain().await;
     if let Ok(acks) = &drained {
+        for p in acks {
+            source.ack(p.clone())?;
+        }
         if let Some(last) = acks.last() {
-            source.ack(last.clone())?;
             publisher.stats.last_acked = Some(last.to_string());
         }
     }

@@ -36,7 +36,7 @@ fn type_rank(value: &Bson) -> u8 {
     }
 }
 
-fn as_f64(value: &Bson) -> Option<f64> {
+pub fn as_f64(value: &Bson) -> Option<f64> {
     match value {
         Bson::Int32(v) => Some(f64::from(*v)),
         #[allow(clippy::cast_precision_loss)]

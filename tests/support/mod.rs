@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod docs;
+pub mod mongo;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ pub struct Stack {
     pub registry: String,
 }
 
-fn need(var: &str) -> String {
+pub fn need(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!("{var} is not set: run the tests with scripts/test, or `scripts/stack up && eval \"$(scripts/stack env)\"` first")
     })

@@ -306,6 +306,9 @@ pub struct MongoSource {
     /// Collections whose copy was read to the end in this run (their
     /// completion is saved when Kafka confirms it).
     read_done: Vec<String>,
+    /// How far this run has read the stream (not yet confirmed): a stream
+    /// opened again in the same run (after an invalidate) goes on from here.
+    read_upto: Option<MongoPosition>,
 }
 
 impl MongoSource {
@@ -391,6 +394,7 @@ impl MongoSource {
             },
             ordinal: 0,
             read_done: Vec::new(),
+            read_upto: None,
         })
     }
 
@@ -600,16 +604,27 @@ impl MongoSource {
             // Everything is read; `copy_complete` is saved when Kafka
             // confirmed the last of it (see `ack`).
         }
-        let saved_ts = self.state.delivered_ts.as_ref().and_then(ts_from_json);
+        let (read_token, read_ts) = match &self.read_upto {
+            Some(MongoPosition::Stream {
+                token,
+                ts,
+                invalidate,
+                ..
+            }) => (token.clone().map(|t| (t, *invalidate)), Some(*ts)),
+            _ => (None, None),
+        };
+        let saved_ts = read_ts.or(self.state.delivered_ts.as_ref().and_then(ts_from_json));
         let copy_ts = self.state.copy_started_at.as_ref().and_then(ts_from_json);
         let next = match self.mode {
             MongoMode::ChangeStreams => {
-                let saved = self
-                    .state
-                    .resume_token
-                    .as_ref()
-                    .and_then(from_ext)
-                    .and_then(|b| b.as_document().cloned());
+                let saved = read_token.or_else(|| {
+                    self.state
+                        .resume_token
+                        .as_ref()
+                        .and_then(from_ext)
+                        .and_then(|b| b.as_document().cloned())
+                        .map(|t| (t, self.state.token_is_invalidate))
+                });
                 let copy_token = self
                     .state
                     .copy_start_token
@@ -617,10 +632,7 @@ impl MongoSource {
                     .and_then(from_ext)
                     .and_then(|b| b.as_document().cloned());
                 let stream = match (saved, copy_token, copy_ts) {
-                    (Some(t), _, _) => {
-                        self.open_change_stream(Some((t, self.state.token_is_invalidate)), None)
-                            .await
-                    }
+                    (Some(t), _, _) => self.open_change_stream(Some(t), None).await,
                     (None, Some(t), _) => self.open_change_stream(Some((t, false)), None).await,
                     (None, None, Some(ts)) => {
                         self.open_change_stream(
@@ -688,6 +700,7 @@ impl MongoSource {
                 self.save()?;
                 *self.stage.get_mut() = Stage::Start;
                 self.read_done.clear();
+                self.read_upto = None;
                 // A re-copy is a copy even when the first run had none.
                 self.snapshot = SnapshotMode::Initial;
                 Ok(())
@@ -1180,12 +1193,19 @@ impl Source for MongoSource {
                 Stage::Changes(_) => 2,
                 Stage::Oplog { .. } => 3,
             };
-            match stage {
-                0 => self.begin().await?,
+            let batch = match stage {
+                0 => {
+                    self.begin().await?;
+                    continue;
+                }
                 1 => return self.copy_batch(max_events).await,
-                2 => return self.changes_batch(max_events, max_wait).await,
-                _ => return self.oplog_batch(max_events, max_wait).await,
+                2 => self.changes_batch(max_events, max_wait).await?,
+                _ => self.oplog_batch(max_events, max_wait).await?,
+            };
+            if let Some(p) = &batch.position {
+                self.read_upto = Some(p.clone());
             }
+            return Ok(batch);
         }
         Ok(SourceBatch::default())
     }
