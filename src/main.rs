@@ -22,11 +22,12 @@ use unilog::telemetry::{self, LogFormat};
 /// unilog turns a legacy database's own replication stream into domain
 /// events on Kafka, without touching the application.
 ///
-/// It reads PostgreSQL logical replication (pgoutput), maps row changes to
-/// domain events by YAML mappings, checks their Avro schemas against a
+/// It reads PostgreSQL logical replication (pgoutput) or a MongoDB replica
+/// set's change streams or oplog, maps row and document changes to domain
+/// events by YAML mappings, checks their Avro schemas against a
 /// Confluent-compatible schema registry, and publishes them on Kafka topics
-/// in the Confluent wire format. Positions are acknowledged to the database
-/// only after Kafka confirmed the events, so a crash loses nothing.
+/// in the Confluent wire format. Positions are saved only after Kafka
+/// confirmed the events, so a crash loses nothing.
 ///
 /// Secrets belong in the environment: config files may say ${VAR} or
 /// ${VAR:-default}.
@@ -51,14 +52,17 @@ enum Command {
         config: PathBuf,
     },
     /// Check a pipeline without writing anything: config and mapping
-    /// files, database settings and role, tables and columns named by the
-    /// mappings, schema compatibility with the registry, Kafka
-    /// connectivity. Exits 2 with the reasons when something is wrong.
+    /// files, database settings and role (PostgreSQL) or replica set
+    /// (MongoDB), tables and columns named by the mappings, schema
+    /// compatibility with the registry, Kafka connectivity. Exits 2 with
+    /// the reasons when something is wrong.
     Check {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show a pipeline's replication slot and delivered position.
+    /// Show a pipeline's delivered position: for PostgreSQL its replication
+    /// slot, lag and retained WAL; for MongoDB its copy progress and
+    /// cluster time.
     Status {
         #[arg(long, short)]
         config: PathBuf,

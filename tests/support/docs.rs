@@ -114,6 +114,10 @@ fn parse_info(origin: &str, info: &str, section: &str, text: String) -> Option<D
 pub const EXAMPLE_ENV: &[(&str, &str)] = &[
     ("PG_URL", "postgres://unilog:secret@db.internal:5432/app"),
     (
+        "MONGO_URL",
+        "mongodb://unilog:secret@mongo-1.internal:27017/?replicaSet=rs0",
+    ),
+    (
         "KAFKA_BROKERS",
         "kafka-1.internal:9092,kafka-2.internal:9092",
     ),

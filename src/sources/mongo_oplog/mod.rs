@@ -269,6 +269,9 @@ enum Stage {
         last_id: Option<Bson>,
         start: Timestamp,
         copied: u64,
+        /// The collection's estimated size, and when progress was last logged.
+        total: u64,
+        logged: Instant,
     },
     Changes(Box<ChangeStream<Document>>),
     Oplog {
@@ -598,6 +601,8 @@ impl MongoSource {
                     last_id,
                     start,
                     copied: 0,
+                    total: 0,
+                    logged: Instant::now(),
                 };
                 return Ok(());
             }
@@ -718,6 +723,8 @@ impl MongoSource {
             last_id,
             start,
             copied,
+            total,
+            logged,
         } = self.stage.get_mut()
         else {
             return Ok(SourceBatch::default());
@@ -732,8 +739,8 @@ impl MongoSource {
                 .client
                 .database(&table.database)
                 .collection::<Document>(&table.name);
-            let total = coll.estimated_document_count().await.unwrap_or(0);
-            tracing::info!(collection = %ns, documents_about = total, resumed_after = last_id.is_some(), "copying");
+            *total = coll.estimated_document_count().await.unwrap_or(0);
+            tracing::info!(collection = %ns, documents_about = *total, resumed_after = last_id.is_some(), "copying");
             let filter = match last_id {
                 Some(id) => doc! {"_id": {"$gt": id.clone()}},
                 None => doc! {},
@@ -787,6 +794,16 @@ impl MongoSource {
                 }
                 Err(e) => return Err(MongoError::read(format!("copying {ns}"), e)),
             }
+        }
+        if logged.elapsed() >= Duration::from_secs(10) {
+            #[allow(clippy::cast_precision_loss)]
+            let percent = if *total > 0 {
+                (*copied as f64 * 100.0 / *total as f64).min(100.0)
+            } else {
+                0.0
+            };
+            tracing::info!(collection = %ns, copied = *copied, documents_about = *total, percent = format!("{percent:.0}"), "copy progress");
+            *logged = Instant::now();
         }
         #[allow(clippy::cast_precision_loss)]
         metrics().inc(
@@ -1140,7 +1157,7 @@ impl MongoSource {
         out
     }
 
-    /// Every 30 s, how much oplog lies behind the delivered position: the
+    /// Every 10 s, how much oplog lies behind the delivered position: the
     /// time between the oldest entry and that position, which is how long
     /// unilog may be stopped before its position falls off the oplog.
     pub fn headroom_monitor(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
@@ -1171,7 +1188,7 @@ impl MongoSource {
                     Ok(None) => {}
                     Err(e) => tracing::debug!(error = %e, "reading the oplog's oldest entry"),
                 }
-                tokio::time::sleep(Duration::from_secs(30)).await;
+                tokio::time::sleep(Duration::from_secs(10)).await;
             }
         }
     }
