@@ -46,6 +46,11 @@ fn by_key(decoded: &[Json]) -> BTreeMap<String, Vec<&Json>> {
 
 async fn every_operation(mode: &str) {
     let stack = Stack::from_env();
+    let port = support::free_port();
+    tokio::spawn(unilog::http::serve(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(60),
+    ));
     let fx = MongoFixture::new(&stack, mode, "", "").await;
     let users = fx.users();
     let (u1, u2) = (user(1), user(2));
@@ -101,6 +106,21 @@ async fn every_operation(mode: &str) {
     users.insert_one(u6.clone()).await.unwrap();
 
     let (_, all) = read(&stack, &fx.topic, 12).await;
+    // How long the pipeline could stay stopped: the oplog behind its position.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let headroom = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("unilog_mongo_oplog_headroom_seconds") && l.contains(fx.name.as_str())
+        })
+        .unwrap_or_else(|| panic!("no headroom gauge in:\n{metrics}"));
+    let secs: f64 = headroom.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(secs >= 0.0, "{headroom}");
     let stats = running.stop().await;
     let kinds: Vec<(String, String)> = all
         .iter()
@@ -477,4 +497,48 @@ async fn change_streams_lost_position_takes_the_configured_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oplog_lost_position_takes_the_configured_path() {
     lost_position("oplog").await;
+}
+
+/// Bad MongoDB input: a clear error naming what to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_bad_input_is_refused_clearly() {
+    let stack = Stack::from_env();
+    // A mapping without declared fields.
+    let fx = MongoFixture::new(&stack, "change_streams", "", "").await;
+    std::fs::write(
+        fx.dir.path().join("users.yaml"),
+        format!(
+            "table: {}.users\ntopic: {}\nevents: {{insert: A, update: B, delete: C}}\n",
+            fx.db, fx.topic
+        ),
+    )
+    .unwrap();
+    let out = support::unilog_output(&["check"], &fx.config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("users.yaml:1: field `table`: a MongoDB collection has no catalog: declare its fields under `fields:`"), "{err}");
+
+    // Nothing listens: a bounded wait, then the URL (without password) and what to check.
+    let port = support::free_port();
+    let url = format!("mongodb://app:s3cret@127.0.0.1:{port}/?replicaSet=rs0&directConnection=true");
+    let fx = MongoFixture::with_url(&stack, &url, "change_streams", "", "").await;
+    let out = support::unilog_output(&["check"], &fx.config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("cannot connect to MongoDB at mongodb://app:***@127.0.0.1:{port}/")), "{err}");
+    assert!(err.contains("check source.mongo.url"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+
+    // A mode switch under an existing state.
+    let fx = MongoFixture::new(&stack, "change_streams", "", "").await;
+    fx.users().insert_one(user(1)).await.unwrap();
+    let running = fx.start();
+    let _ = read(&stack, &fx.topic, 1).await;
+    running.stop().await;
+    write_config(&fx.config, &stack, &fx.name, &fx.url, "oplog", "", "");
+    let err = fx.start().handle.await.unwrap().expect_err("a mode switch is refused");
+    let msg = err.to_string();
+    assert!(msg.contains("was written in `change_streams` mode, and source.mongo.mode is now `oplog`"), "{msg}");
+    assert!(!err.is_transient());
+    fx.cleanup().await;
 }

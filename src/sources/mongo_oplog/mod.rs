@@ -1167,6 +1167,11 @@ impl MongoSource {
         async move {
             let oplog = client.database("local").collection::<Document>("oplog.rs");
             loop {
+                // Nothing delivered yet: nothing to measure from.
+                if delivered.load(Ordering::Relaxed) == 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
                 let oldest = oplog
                     .find_one(doc! {})
                     .sort(doc! {"$natural": 1})
