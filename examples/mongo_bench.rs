@@ -82,11 +82,9 @@ impl Unilog {
         let Ok(r) = reqwest::get(&self.metrics).await else {
             return false;
         };
-        r.text()
-            .await
-            .unwrap_or_default()
-            .lines()
-            .any(|l| l.starts_with("unilog_pipeline_phase") && l.contains("streaming") && l.ends_with(" 1"))
+        r.text().await.unwrap_or_default().lines().any(|l| {
+            l.starts_with("unilog_pipeline_phase") && l.contains("streaming") && l.ends_with(" 1")
+        })
     }
 
     /// SIGTERM; returns unilog's `stopped cleanly` log line (JSON).
@@ -113,7 +111,9 @@ async fn main() {
     let paced_rate = arg("--paced-rate", 2_000);
     let paced_secs = arg("--paced-secs", 10);
     let url = env("MONGO_URL");
-    let client = Client::with_uri_str(&url).await.expect("connect to MONGO_URL");
+    let client = Client::with_uri_str(&url)
+        .await
+        .expect("connect to MONGO_URL");
     let suffix = format!("{:x}", std::process::id() ^ 0x5eed);
     let db_name = format!("bench_{suffix}");
     let db = client.database(&db_name);
@@ -144,7 +144,10 @@ async fn main() {
     let u = Unilog::start(&config, port);
     let t = Instant::now();
     while !u.phase_streaming().await {
-        assert!(t.elapsed() < Duration::from_secs(60), "unilog did not start streaming");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "unilog did not start streaming"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -163,8 +166,8 @@ async fn main() {
                 #[allow(clippy::cast_possible_wrap, clippy::cast_possible_truncation)]
                 let i = i as i64;
                 doc! {"_id": i, "email": format!("u{i}@example.com"), "age": (i % 90) as i32,
-                      "balance": format!("{i}.25").parse::<bson::Decimal128>().unwrap(),
-                      "address": {"city": "Lyon", "zip": "69001"}, "tags": ["a", "b"]}
+                "balance": format!("{i}.25").parse::<bson::Decimal128>().unwrap(),
+                "address": {"city": "Lyon", "zip": "69001"}, "tags": ["a", "b"]}
             })
             .collect();
         next += batch.len() as u64;
@@ -205,7 +208,10 @@ async fn main() {
     let u = Unilog::start(&config, port);
     let mut published = 0;
     while published < n {
-        assert!(t.elapsed() < Duration::from_secs(900), "unilog published {published} of {n}");
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "unilog published {published} of {n}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
         published = u.published().await;
     }
@@ -217,7 +223,10 @@ async fn main() {
     let u = Unilog::start(&config, port);
     let t = Instant::now();
     while !u.phase_streaming().await {
-        assert!(t.elapsed() < Duration::from_secs(60), "unilog did not start streaming");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "unilog did not start streaming"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);

@@ -310,16 +310,26 @@ async fn oplog_copy_and_concurrent_writes_end_in_the_final_state() {
     copy_with_concurrent_writes("oplog").await;
 }
 
+/// Starts `unilog run`; its log goes to `unilog.log` beside the config.
 fn spawn_unilog(fx: &MongoFixture) -> support::Killed {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(fx.dir.path().join("unilog.log"))
+        .unwrap();
     support::Killed(
         std::process::Command::new(support::unilog_bin())
             .args(["run", "--config"])
             .arg(&fx.config)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("start unilog"),
     )
+}
+
+fn unilog_log(fx: &MongoFixture) -> String {
+    std::fs::read_to_string(fx.dir.path().join("unilog.log")).unwrap_or_default()
 }
 
 fn kill9(child: &mut support::Killed) {
@@ -353,7 +363,11 @@ async fn kill_and_restart(mode: &str) {
         if state.contains("copy_progress") {
             break;
         }
-        assert!(start.elapsed() < TIMEOUT, "the copy made no progress");
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the copy made no progress; unilog's log:\n{}",
+            unilog_log(&fx)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     kill9(&mut child);
@@ -520,12 +534,18 @@ async fn mongo_bad_input_is_refused_clearly() {
 
     // Nothing listens: a bounded wait, then the URL (without password) and what to check.
     let port = support::free_port();
-    let url = format!("mongodb://app:s3cret@127.0.0.1:{port}/?replicaSet=rs0&directConnection=true");
+    let url =
+        format!("mongodb://app:s3cret@127.0.0.1:{port}/?replicaSet=rs0&directConnection=true");
     let fx = MongoFixture::with_url(&stack, &url, "change_streams", "", "").await;
     let out = support::unilog_output(&["check"], &fx.config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains(&format!("cannot connect to MongoDB at mongodb://app:***@127.0.0.1:{port}/")), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot connect to MongoDB at mongodb://app:***@127.0.0.1:{port}/"
+        )),
+        "{err}"
+    );
     assert!(err.contains("check source.mongo.url"), "{err}");
     assert!(!err.contains("s3cret"), "{err}");
 
@@ -536,9 +556,17 @@ async fn mongo_bad_input_is_refused_clearly() {
     let _ = read(&stack, &fx.topic, 1).await;
     running.stop().await;
     write_config(&fx.config, &stack, &fx.name, &fx.url, "oplog", "", "");
-    let err = fx.start().handle.await.unwrap().expect_err("a mode switch is refused");
+    let err = fx
+        .start()
+        .handle
+        .await
+        .unwrap()
+        .expect_err("a mode switch is refused");
     let msg = err.to_string();
-    assert!(msg.contains("was written in `change_streams` mode, and source.mongo.mode is now `oplog`"), "{msg}");
+    assert!(
+        msg.contains("was written in `change_streams` mode, and source.mongo.mode is now `oplog`"),
+        "{msg}"
+    );
     assert!(!err.is_transient());
     fx.cleanup().await;
 }
