@@ -12,6 +12,7 @@ pub mod config;
 pub mod event;
 pub mod http;
 pub mod indexer;
+pub mod joiner;
 pub mod mapping;
 pub mod pipeline;
 pub mod sinks;

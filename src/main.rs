@@ -57,6 +57,14 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Build a derived stream from two topics: every change on either side
+    /// re-emits the joined record of its key, exactly once (Kafka
+    /// transactions), with state restored from a changelog topic.
+    Join {
+        /// The joiner file (see config/examples/join/join.yaml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Keep search indexes in step with topics: `_bulk` with the record key
     /// as document id and the offset as an external version, deletes for
     /// delete events and tombstones, refused documents to a dead-letter
@@ -117,6 +125,7 @@ fn main() -> ExitCode {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
             Command::Index { config } => index(config).await,
+            Command::Join { config } => join(config).await,
             Command::Reindex {
                 config,
                 alias,
@@ -257,6 +266,42 @@ fn load_indexer(config: &std::path::Path) -> Result<Arc<LoadedIndexerConfig>, Ex
             eprintln!("error: {e}");
             ExitCode::from(2)
         })
+}
+
+async fn join(config: PathBuf) -> ExitCode {
+    let cfg = match unilog::joiner::config::LoadedJoinerConfig::load(&config) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let stop = stop_on_signal();
+    let span = tracing::info_span!("joiner", joiner = %cfg.config.name);
+    let mut attempt = 0u32;
+    loop {
+        let started = std::time::Instant::now();
+        match unilog::joiner::run(cfg.clone(), stop.clone())
+            .instrument(span.clone())
+            .await
+        {
+            Ok(_) => return ExitCode::SUCCESS,
+            Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
+                if started.elapsed() > std::time::Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                attempt += 1;
+                let delay = backoff(attempt);
+                tracing::warn!(error = %e, attempt, retry_in_secs = delay.as_secs_f64(), "joiner failed; restoring its state and retrying");
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "joiner stopped");
+                eprintln!("error: {e}");
+                return ExitCode::from(if e.is_setup() { 2 } else { 1 });
+            }
+        }
+    }
 }
 
 async fn index(config: PathBuf) -> ExitCode {
