@@ -461,16 +461,18 @@ async fn exactly_once_across_a_kill() {
         assert_eq!(doubled, 0, "doubled outputs");
     } else {
         // A broker that shows aborted records to read_committed readers
-        // (the local Kafka-protocol broker does) also shows the batch the
-        // killed process had in flight: at most one batch of exact copies.
+        // (the local Kafka-protocol broker does) also shows what the killed
+        // process had in flight: its output batch, and the re-keyed records
+        // of that batch, which are joined again when the batch is replayed.
+        // So at most two batches of extra records, each an exact copy.
         assert!(
-            recs.len() - expected <= 50,
-            "{} extra outputs: more than the one aborted batch",
+            recs.len() - expected <= 100,
+            "{} extra outputs: more than the aborted batch can explain",
             recs.len() - expected
         );
         assert!(
-            copies.values().all(|n| *n <= 2),
-            "an output appears three times"
+            copies.values().all(|n| *n <= 3),
+            "an output appears more than three times"
         );
     }
     let mut dec = Decoder::new(&stack.registry);
