@@ -382,3 +382,134 @@ async fn search_endpoint_finds_documents() {
     handle.abort();
     search.delete(&format!("{alias}_v1")).await;
 }
+
+/// A proxy in front of the search server that answers every `_bulk` with
+/// 429 or 503 while `failing` is set, and forwards everything else.
+async fn flaky_proxy(failing: Arc<AtomicBool>) -> (String, tokio::task::JoinHandle<()>) {
+    use axum::body::Bytes;
+    use axum::extract::{Request, State};
+    use axum::http::StatusCode;
+    use axum::response::{IntoResponse, Response};
+    #[derive(Clone)]
+    struct St {
+        failing: Arc<AtomicBool>,
+        upstream: String,
+        http: reqwest::Client,
+        n: Arc<std::sync::atomic::AtomicU64>,
+    }
+    async fn handle(State(st): State<St>, req: Request) -> Response {
+        let path = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let method = req.method().clone();
+        let ct = req.headers().get("content-type").cloned();
+        let body: Bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+            .await
+            .unwrap_or_default();
+        if path.starts_with("/_bulk") && st.failing.load(Ordering::Relaxed) {
+            let n = st.n.fetch_add(1, Ordering::Relaxed);
+            let status = if n % 2 == 0 {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return (status, "{\"error\":\"injected\"}").into_response();
+        }
+        let mut r = st
+            .http
+            .request(
+                reqwest::Method::from_bytes(method.as_str().as_bytes()).unwrap(),
+                format!("{}{path}", st.upstream),
+            )
+            .body(body.to_vec());
+        if let Some(ct) = ct {
+            r = r.header("content-type", ct.to_str().unwrap_or_default());
+        }
+        let resp = r.send().await.unwrap();
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let bytes = resp.bytes().await.unwrap_or_default();
+        (
+            status,
+            [("content-type", "application/json")],
+            bytes.to_vec(),
+        )
+            .into_response()
+    }
+    let st = St {
+        failing,
+        upstream: search_url(),
+        http: reqwest::Client::new(),
+        n: Arc::default(),
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(handle).with_state(st);
+    let h = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://{addr}"), h)
+}
+
+/// 429 and 503 are retried with backoff; offsets are committed only after
+/// the bulk request succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_429_and_5xx_and_commits_only_after_success() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let stack = Stack::from_env();
+    let s = suffix();
+    let topic = format!("ix.retry.{s}");
+    let alias = format!("retry_{s}");
+    create_topic(&stack.brokers, &topic, 1).await;
+    let mut feed = Feed::new(
+        &stack.brokers,
+        &stack.registry,
+        &topic,
+        &envelope_schema("User", ROW),
+    )
+    .await;
+    for id in 1..=20 {
+        feed.upsert(&id.to_string(), "insert", user(id, "x")).await;
+    }
+    let failing = Arc::new(AtomicBool::new(true));
+    let (proxy, proxy_task) = flaky_proxy(failing.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let group = format!("g_{s}");
+    let text = format!(
+        "name: ix_{s}\nkafka:\n  brokers: {}\n  group: {group}\nschema_registry:\n  url: {}\nsearch:\n  url: {proxy}\nindexes:\n  - topic: {topic}\n    alias: {alias}\nretry:\n  initial_ms: 50\n  max_ms: 300\n",
+        stack.brokers, stack.registry
+    );
+    let path = dir.path().join("index.yaml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = Arc::new(LoadedIndexerConfig::load(&path).unwrap());
+    let live = Live::start(&cfg);
+    let committed = || {
+        let c: BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &stack.brokers)
+            .set("group.id", &group)
+            .create()
+            .unwrap();
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        tpl.add_partition(&topic, 0);
+        c.committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap()
+            .elements()[0]
+            .offset()
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let search = Search::new();
+    assert_eq!(search.count(&alias).await, 0);
+    assert!(
+        !matches!(committed(), rdkafka::Offset::Offset(o) if o > 0),
+        "offsets committed before any bulk succeeded"
+    );
+    failing.store(false, Ordering::Relaxed);
+    search.wait_count(&alias, 20, Duration::from_secs(30)).await;
+    let stats = live.stop().await;
+    assert!(stats.retries >= 2, "{stats:?}");
+    assert_eq!(stats.indexed, 20);
+    assert_eq!(committed(), rdkafka::Offset::Offset(20));
+    proxy_task.abort();
+    search.delete(&format!("{alias}_v1")).await;
+}
