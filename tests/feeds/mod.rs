@@ -82,6 +82,7 @@ impl Feed {
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("linger.ms", "5")
+            .set("queue.buffering.max.messages", "1000000")
             .create()
             .unwrap();
         Feed {
@@ -158,6 +159,23 @@ impl Feed {
             .send(rec, Duration::from_secs(30))
             .await
             .unwrap_or_else(|(e, _)| panic!("produce to {}: {e}", self.topic));
+    }
+
+    /// Hands `value` to the producer without waiting (call [`Feed::flush`]).
+    pub fn send_nowait(&self, key: &str, value: Option<Vec<u8>>) {
+        let mut rec = FutureRecord::<str, Vec<u8>>::to(&self.topic).key(key);
+        if let Some(v) = &value {
+            rec = rec.payload(v);
+        }
+        loop {
+            match self.producer.send_result(rec) {
+                Ok(_) => return,
+                Err((_, back)) => {
+                    rec = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+            }
+        }
     }
 
     /// An insert/update of `after`.
