@@ -284,6 +284,15 @@ mod tests {
     const GOOD: &str = "name: users\nkafka:\n  brokers: b:9092\nschema_registry:\n  url: http://r\nsearch:\n  url: http://s\nindexes:\n  - topic: legacy.users\n    alias: users\n";
 
     #[test]
+    fn the_example_loads() {
+        let p =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/user-search/index.yaml");
+        let c = LoadedIndexerConfig::load(&p).unwrap();
+        assert_eq!(c.config.indexes[0].alias, "users");
+        assert!(c.config.http.is_some());
+    }
+
+    #[test]
     fn defaults_and_names() {
         let c = load(GOOD).unwrap();
         assert_eq!(c.group(), "unilog-index-users");

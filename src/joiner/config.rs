@@ -278,6 +278,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_loads() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/user-search/join.yaml");
+        let c = LoadedJoinerConfig::load(&p).unwrap();
+        assert_eq!(c.config.right.key, "user_id");
+        assert!(c.state_file().ends_with(".unilog/join/user_docs-0.redb"));
+    }
+
+    #[test]
     fn defaults_and_derived_names() {
         let c = load(GOOD).unwrap();
         assert_eq!(c.config.kind, JoinKind::Left);
