@@ -523,3 +523,84 @@ async fn broker_hides_aborted_records(brokers: &str) -> bool {
     .await;
     !recs.iter().any(|r| r.payload == b"aborted")
 }
+
+/// `unilog join`'s restart loop: transient errors restart the joiner (its
+/// state is restored from the changelog).
+async fn run_retrying(
+    path: std::path::PathBuf,
+    stop: Arc<AtomicBool>,
+) -> unilog::joiner::JoinStats {
+    let cfg = Arc::new(LoadedJoinerConfig::load(&path).unwrap());
+    let mut total = unilog::joiner::JoinStats::default();
+    loop {
+        match unilog::joiner::run(cfg.clone(), stop.clone()).await {
+            Ok(s) => {
+                total.out += s.out;
+                total.transactions += s.transactions;
+                return total;
+            }
+            Err(e) if e.is_transient() => {
+                eprintln!("joiner failed: {e}; restarting");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("joiner: {e}"),
+        }
+    }
+}
+
+/// Two instances in one consumer group split the partitions (a rebalance
+/// while records flow) and the documents come out right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_the_partitions() {
+    let stack = Stack::from_env();
+    let (t, mut users, mut conns) = inputs(&stack, 4, 4).await;
+    let n = 40i64;
+    for id in 1..=n {
+        users
+            .upsert(&id.to_string(), "insert", user(id, &format!("user {id}")))
+            .await;
+        conns
+            .upsert(&format!("a{id}"), "insert", conn(id, id, id % n + 1))
+            .await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("j_{}", suffix());
+    let p0 = write_config(dir.path(), &stack, &t, &name, "s0", "");
+    let p1 = write_config(dir.path(), &stack, &t, &name, "s1", "");
+    let text = std::fs::read_to_string(&p1).unwrap();
+    std::fs::write(&p1, text.replace("kafka:\n", "kafka:\n  instance: \"1\"\n")).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let a = tokio::spawn(run_retrying(p0, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let b = tokio::spawn(run_retrying(p1, stop.clone()));
+    // Changes while the group rebalances.
+    for id in 1..=n {
+        conns
+            .upsert(
+                &format!("b{id}"),
+                "insert",
+                conn(n + id, id, (id + 1) % n + 1),
+            )
+            .await;
+    }
+    wait_for(&stack, &t.out, "both connections of every user", |l| {
+        (1..=n).all(|id| {
+            let mut want = vec![id % n + 1, (id + 1) % n + 1];
+            want.sort_unstable();
+            l.get(&id.to_string()).map(friends) == Some(Some(want))
+        })
+    })
+    .await;
+    // More changes after the split.
+    for id in 1..=n {
+        conns.delete(&format!("a{id}")).await;
+    }
+    wait_for(&stack, &t.out, "one connection per user", |l| {
+        (1..=n).all(|id| l.get(&id.to_string()).map(friends) == Some(Some(vec![(id + 1) % n + 1])))
+    })
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let (sa, sb) = (a.await.unwrap(), b.await.unwrap());
+    eprintln!("instance 0: {sa:?}\ninstance 1: {sb:?}");
+    assert!(sb.out > 0, "the second instance got no partition: {sb:?}");
+}
