@@ -327,7 +327,7 @@ fn child_joiner() {
 async fn exactly_once_across_a_kill() {
     let stack = Stack::from_env();
     let (t, mut users, mut conns) = inputs(&stack, 3, 3).await;
-    let (n_users, per_user) = (200i64, 4i64);
+    let (n_users, per_user) = (300i64, 5i64);
     for id in 1..=n_users {
         users
             .upsert(&id.to_string(), "insert", user(id, &format!("user {id}")))
