@@ -604,3 +604,82 @@ async fn two_instances_split_the_partitions() {
     eprintln!("instance 0: {sa:?}\ninstance 1: {sb:?}");
     assert!(sb.out > 0, "the second instance got no partition: {sb:?}");
 }
+
+/// One-to-one: a right topic keyed by the join key already (`key: $key`),
+/// embedded as an optional record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_to_one_on_the_message_key() {
+    let stack = Stack::from_env();
+    let s = suffix();
+    let t = Topics {
+        users: format!("j.users.{s}"),
+        conns: format!("j.profiles.{s}"),
+        out: format!("j.docs.{s}"),
+    };
+    create_topic(&stack.brokers, &t.users, 2).await;
+    create_topic(&stack.brokers, &t.conns, 2).await;
+    let mut users = Feed::new(
+        &stack.brokers,
+        &stack.registry,
+        &t.users,
+        &envelope_schema("User", USER),
+    )
+    .await;
+    let mut profiles = Feed::new(
+        &stack.brokers,
+        &stack.registry,
+        &t.conns,
+        &envelope_schema("Profile", &[("user_id", "long"), ("bio", "string")]),
+    )
+    .await;
+    users.upsert("1", "insert", user(1, "Ada")).await;
+    users.upsert("2", "insert", user(2, "Grace")).await;
+    let bio = |id: i64, text: &str| {
+        vec![
+            ("user_id", Avro::Long(id)),
+            ("bio", Avro::String(text.into())),
+        ]
+    };
+    profiles.upsert("1", "insert", bio(1, "engines")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &stack,
+        &t,
+        &format!("j_{}", suffix()),
+        "state",
+        "cardinality: one\n",
+    );
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("key: user_id", "key: $key")
+        .replace("field: connections", "field: profile");
+    std::fs::write(&path, text).unwrap();
+    let j = Running::start(&path);
+    let bio_of = |l: &HashMap<String, Option<Json>>, k: &str| {
+        l.get(k)
+            .and_then(|d| d.as_ref())
+            .map(|d| d["profile"]["bio"].clone())
+    };
+    wait_for(&stack, &t.out, "profiles joined", |l| {
+        bio_of(l, "1") == Some(Json::from("engines")) && bio_of(l, "2") == Some(Json::Null)
+    })
+    .await;
+    profiles
+        .upsert("1", "update", bio(1, "analytical engines"))
+        .await;
+    profiles.upsert("2", "insert", bio(2, "compilers")).await;
+    wait_for(&stack, &t.out, "profiles updated", |l| {
+        bio_of(l, "1") == Some(Json::from("analytical engines"))
+            && bio_of(l, "2") == Some(Json::from("compilers"))
+    })
+    .await;
+    profiles.send("1", None).await;
+    let l = wait_for(&stack, &t.out, "profile removed", |l| {
+        bio_of(l, "1") == Some(Json::Null)
+    })
+    .await;
+    assert_eq!(l["1"].as_ref().unwrap()["name"], "Ada");
+    assert!(l["1"].as_ref().unwrap().get("profile_count").is_none());
+    j.stop().await;
+}
