@@ -63,6 +63,29 @@ impl Live {
     }
 }
 
+/// The sum of the committed offsets of `group` on `topic`.
+fn committed_total(brokers: &str, group: &str, topic: &str, partitions: i32) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    c.committed_offsets(tpl, Duration::from_secs(10))
+        .map(|l| {
+            l.elements()
+                .iter()
+                .filter_map(|e| e.offset().to_raw())
+                .filter(|o| *o > 0)
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn user(id: i64, name: &str) -> Vec<(&'static str, Avro)> {
     vec![
         ("user_id", Avro::Long(id)),
@@ -139,10 +162,18 @@ async fn indexes_changes_and_a_replay_never_rolls_back() {
     // versions: nothing rolls back, nothing comes back.
     let replay = setup(&stack, &topic, &alias, "", "");
     let live = Live::start(&replay.cfg);
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Until the replay has committed every record of the topic (61).
+    let start = std::time::Instant::now();
+    while committed_total(&stack.brokers, &replay.cfg.group(), &topic, 3) < 61 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the replay did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let stats = live.stop().await;
     assert!(
-        stats.stale + stats.indexed + stats.deleted >= 50,
+        stats.stale + stats.indexed + stats.deleted == 61,
         "{stats:?}"
     );
     assert_eq!(search.count(&alias).await, 30);
