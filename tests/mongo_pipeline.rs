@@ -570,3 +570,60 @@ async fn mongo_bad_input_is_refused_clearly() {
     assert!(!err.is_transient());
     fx.cleanup().await;
 }
+
+/// What an update's `after` holds, by `full_document`: the document when
+/// read (`update_lookup`), the post-image of the change itself
+/// (`when_available`), or only the fields the update set (`none`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_document_modes_give_what_they_say() {
+    let stack = Stack::from_env();
+    for (mode, first_age, email_kept) in [
+        ("update_lookup", 20, true),
+        ("when_available", 10, true),
+        ("none", 10, false),
+    ] {
+        let fx = MongoFixture::new(
+            &stack,
+            "change_streams",
+            &format!("    full_document: {mode}\n"),
+            "",
+        )
+        .await;
+        let users = fx.users();
+        let u = user(1);
+        users.insert_one(u.clone()).await.unwrap();
+        let running = fx.start();
+        let _ = read(&stack, &fx.topic, 1).await;
+        running.stop().await;
+        // Two updates while unilog is stopped: when it reads the first, the
+        // document already has the second.
+        for age in [10, 20] {
+            users
+                .update_one(
+                    doc! {"_id": u.get("_id").unwrap()},
+                    doc! {"$set": {"age": age}},
+                )
+                .await
+                .unwrap();
+        }
+        let running = fx.start();
+        let (_, all) = read(&stack, &fx.topic, 3).await;
+        running.stop().await;
+        let updates: Vec<&Json> = all.iter().filter(|d| d["op"] == "update").collect();
+        assert_eq!(updates.len(), 2, "{mode}: {all:?}");
+        assert_eq!(updates[0]["after"]["age"], first_age, "{mode}");
+        assert_eq!(updates[1]["after"]["age"], 20, "{mode}");
+        assert_eq!(
+            updates[0]["after"]["email"] == "u1@example.com",
+            email_kept,
+            "{mode}: {}",
+            updates[0]["after"]
+        );
+        assert_eq!(
+            updates[0]["changed_fields"],
+            serde_json::json!(["age"]),
+            "{mode}"
+        );
+        fx.cleanup().await;
+    }
+}
