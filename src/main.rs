@@ -624,6 +624,23 @@ async fn mongo_status(cfg: &LoadedConfig, json: bool) -> anyhow::Result<()> {
     let state: MongoCheckpoint = read_json(&path)?.unwrap_or_default();
     let topics = topics(cfg).await?;
     let ts = |v: &Option<serde_json::Value>| v.as_ref().map(|t| format!("{}.{}", t["t"], t["i"]));
+    // How long the pipeline may stay stopped before its position leaves the oplog.
+    let delivered_secs = state
+        .delivered_ts
+        .as_ref()
+        .and_then(|t| t["t"].as_u64())
+        .and_then(|t| u32::try_from(t).ok());
+    #[allow(clippy::cast_precision_loss)]
+    let headroom: Result<Option<f64>, String> =
+        match (cfg.config.source.mongo.as_ref(), delivered_secs) {
+            (Some(m), Some(secs)) => {
+                unilog::sources::mongo_oplog::oplog_headroom_secs(&m.url, secs)
+                    .await
+                    .map(|s| Some(s as f64 / 3600.0))
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(None),
+        };
     if json {
         let v = serde_json::json!({
             "pipeline": cfg.config.name,
@@ -634,6 +651,8 @@ async fn mongo_status(cfg: &LoadedConfig, json: bool) -> anyhow::Result<()> {
             "copy_started_at": ts(&state.copy_started_at),
             "delivered_cluster_time": ts(&state.delivered_ts),
             "has_resume_token": state.resume_token.is_some(),
+            "oplog_headroom_hours": headroom.as_ref().ok().copied().flatten(),
+            "oplog_headroom_error": headroom.as_ref().err(),
             "last_error": state.last_error,
             "topics": topics,
         });
@@ -657,6 +676,14 @@ async fn mongo_status(cfg: &LoadedConfig, json: bool) -> anyhow::Result<()> {
             },
         ),
         ("delivered", show(ts(&state.delivered_ts))),
+        (
+            "oplog headroom",
+            match &headroom {
+                Ok(Some(h)) => format!("{h:.1} hours of oplog behind the delivered position"),
+                Ok(None) => "-".into(),
+                Err(e) => format!("unknown: {e}"),
+            },
+        ),
         ("last error", show(state.last_error.clone())),
     ];
     print_status(&lines, &topics);

@@ -193,6 +193,22 @@ async fn every_operation(mode: &str) {
         .iter()
         .all(|i| i.starts_with(&format!("mongo/{}/", fx.db))));
 
+    // `status` reads the saved position and the oplog headroom behind it.
+    let out = support::unilog_output(&["status", "--json"], &fx.config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["mode"], mode);
+    assert_eq!(status["copy_complete"], true);
+    assert!(status["delivered_cluster_time"].is_string(), "{status}");
+    assert!(
+        status["oplog_headroom_hours"].as_f64().unwrap() >= 0.0,
+        "{status}"
+    );
+
     // The misfit: in the dead-letter topic, with collection, _id and field.
     assert_eq!(stats.dead_lettered, 1);
     let dl = consume(&stack.brokers, &fx.dead_letter_topic(), 1, QUIET, TIMEOUT).await;
