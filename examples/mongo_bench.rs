@@ -78,6 +78,17 @@ impl Unilog {
         total
     }
 
+    async fn wait_streaming(&self) {
+        let t = Instant::now();
+        while !self.phase_streaming().await {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "unilog did not start streaming"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn phase_streaming(&self) -> bool {
         let Ok(r) = reqwest::get(&self.metrics).await else {
             return false;
@@ -142,14 +153,7 @@ async fn main() {
 
     // 1. unilog notes the start.
     let u = Unilog::start(&config, port);
-    let t = Instant::now();
-    while !u.phase_streaming().await {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "unilog did not start streaming"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    u.wait_streaming().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     u.stop();
     // The driver's own start point: a change stream opened now.
@@ -221,14 +225,7 @@ async fn main() {
     // 5. Paced load for latency, on a fresh process (its histogram holds
     // only the paced changes).
     let u = Unilog::start(&config, port);
-    let t = Instant::now();
-    while !u.phase_streaming().await {
-        assert!(
-            t.elapsed() < Duration::from_secs(60),
-            "unilog did not start streaming"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    u.wait_streaming().await;
     let interval = Duration::from_secs_f64(1.0 / paced_rate as f64);
     let t = Instant::now();
     let mut written = 0u64;

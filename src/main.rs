@@ -284,27 +284,51 @@ async fn join(config: PathBuf) -> ExitCode {
     };
     let stop = stop_on_signal();
     let span = tracing::info_span!("joiner", joiner = %cfg.config.name);
+    retrying(
+        "joiner",
+        &cfg.config.name,
+        &stop,
+        || unilog::joiner::run(cfg.clone(), stop.clone()).instrument(span.clone()),
+        |e| e.is_transient(),
+        |e| if e.is_setup() { 2 } else { 1 },
+    )
+    .await
+}
+
+/// Runs a companion command until it ends: transient failures are retried
+/// with backoff (reset after a minute of running), anything else stops
+/// with the reason and `exit_code`.
+async fn retrying<T, E, Fut>(
+    what: &str,
+    name: &str,
+    stop: &AtomicBool,
+    mut run: impl FnMut() -> Fut,
+    transient: impl Fn(&E) -> bool,
+    exit_code: impl Fn(&E) -> u8,
+) -> ExitCode
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
     let mut attempt = 0u32;
     loop {
         let started = std::time::Instant::now();
-        match unilog::joiner::run(cfg.clone(), stop.clone())
-            .instrument(span.clone())
-            .await
-        {
+        match run().await {
             Ok(_) => return ExitCode::SUCCESS,
-            Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
+            Err(e) if transient(&e) && !stop.load(Ordering::Relaxed) => {
                 if started.elapsed() > std::time::Duration::from_secs(60) {
                     attempt = 0;
                 }
                 attempt += 1;
                 let delay = backoff(attempt);
-                tracing::warn!(error = %e, attempt, retry_in_secs = delay.as_secs_f64(), "joiner failed; restoring its state and retrying");
+                tracing::warn!(error = %e, attempt, retry_in_secs = delay.as_secs_f64(), "{what} failed; retrying");
+                unilog::telemetry::health().failed(name, &e.to_string());
                 tokio::time::sleep(delay).await;
             }
             Err(e) => {
-                tracing::error!(error = %e, "joiner stopped");
+                tracing::error!(error = %e, "{what} stopped");
                 eprintln!("error: {e}");
-                return ExitCode::from(if e.is_setup() { 2 } else { 1 });
+                return ExitCode::from(exit_code(&e));
             }
         }
     }
@@ -351,41 +375,24 @@ async fn index(config: PathBuf) -> ExitCode {
         });
     }
     let span = tracing::info_span!("indexer", indexer = %cfg.config.name);
-    let mut attempt = 0u32;
-    loop {
-        let started = std::time::Instant::now();
-        match unilog::indexer::run(cfg.clone(), stop.clone())
-            .instrument(span.clone())
-            .await
-        {
-            Ok(_) => return ExitCode::SUCCESS,
-            Err(e) if e.is_transient() && !stop.load(Ordering::Relaxed) => {
-                if started.elapsed() > std::time::Duration::from_secs(60) {
-                    attempt = 0;
-                }
-                attempt += 1;
-                let delay = backoff(attempt);
-                tracing::warn!(error = %e, attempt, retry_in_secs = delay.as_secs_f64(), "indexer failed; retrying");
-                unilog::telemetry::health().failed(&cfg.config.name, &e.to_string());
-                tokio::time::sleep(delay).await;
+    retrying(
+        "indexer",
+        &cfg.config.name,
+        &stop,
+        || unilog::indexer::run(cfg.clone(), stop.clone()).instrument(span.clone()),
+        unilog::indexer::IndexError::is_transient,
+        |e| {
+            if matches!(
+                e,
+                unilog::indexer::IndexError::Config(_) | unilog::indexer::IndexError::Usage(_)
+            ) {
+                2
+            } else {
+                1
             }
-            Err(e) => {
-                tracing::error!(error = %e, "indexer stopped");
-                eprintln!("error: {e}");
-                return ExitCode::from(
-                    if matches!(
-                        e,
-                        unilog::indexer::IndexError::Config(_)
-                            | unilog::indexer::IndexError::Usage(_)
-                    ) {
-                        2
-                    } else {
-                        1
-                    },
-                );
-            }
-        }
-    }
+        },
+    )
+    .await
 }
 
 async fn reindex(

@@ -251,15 +251,20 @@ fn final_state(decoded: &[Json]) -> BTreeMap<String, Json> {
     out
 }
 
-async fn copy_with_concurrent_writes(mode: &str) {
-    let stack = Stack::from_env();
-    let fx = MongoFixture::new(
-        &stack,
+/// Batches of 100, so a copy takes many batches (and many positions).
+async fn small_batches(stack: &Stack, mode: &str) -> MongoFixture {
+    MongoFixture::new(
+        stack,
         mode,
         "",
         "batch:\n  max_events: 100\n  max_wait_ms: 10\n",
     )
-    .await;
+    .await
+}
+
+async fn copy_with_concurrent_writes(mode: &str) {
+    let stack = Stack::from_env();
+    let fx = small_batches(&stack, mode).await;
     let users = fx.users();
     let docs: Vec<Document> = (0..3000).map(user).collect();
     users.insert_many(docs.clone()).await.unwrap();
@@ -359,13 +364,7 @@ fn kill9(child: &mut support::Killed) {
 /// repeat carries the same dedup id and the same bytes.
 async fn kill_and_restart(mode: &str) {
     let stack = Stack::from_env();
-    let fx = MongoFixture::new(
-        &stack,
-        mode,
-        "",
-        "batch:\n  max_events: 100\n  max_wait_ms: 10\n",
-    )
-    .await;
+    let fx = small_batches(&stack, mode).await;
     let users = fx.users();
     let initial: Vec<Document> = (0..4000).map(user).collect();
     users.insert_many(initial.clone()).await.unwrap();
