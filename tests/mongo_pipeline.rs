@@ -107,18 +107,25 @@ async fn every_operation(mode: &str) {
 
     let (_, all) = read(&stack, &fx.topic, 12).await;
     // How long the pipeline could stay stopped: the oplog behind its position.
-    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let headroom = metrics
-        .lines()
-        .find(|l| {
+    let started = std::time::Instant::now();
+    let headroom = loop {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if let Some(line) = metrics.lines().find(|l| {
             l.starts_with("unilog_mongo_oplog_headroom_seconds") && l.contains(fx.name.as_str())
-        })
-        .unwrap_or_else(|| panic!("no headroom gauge in:\n{metrics}"));
+        }) {
+            break line.to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no headroom gauge in:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let secs: f64 = headroom.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(secs >= 0.0, "{headroom}");
     let stats = running.stop().await;

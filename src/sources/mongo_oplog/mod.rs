@@ -1204,6 +1204,7 @@ impl MongoSource {
                     .sort(doc! {"$natural": 1})
                     .projection(doc! {"ts": 1})
                     .await;
+                let mut next = Duration::from_secs(10);
                 match oldest {
                     Ok(Some(d)) => {
                         let at = delivered.load(Ordering::Relaxed);
@@ -1217,10 +1218,13 @@ impl MongoSource {
                             );
                         }
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::debug!(error = %e, "reading the oplog's oldest entry"),
+                    Ok(None) => next = Duration::from_secs(1),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading the oplog's oldest entry");
+                        next = Duration::from_secs(1);
+                    }
                 }
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(next).await;
             }
         }
     }
