@@ -291,36 +291,6 @@ async fn refuses_inputs_that_are_not_co_partitioned() {
     );
 }
 
-/// Not a test on its own: the joiner process that `exactly_once_across_a_kill`
-/// starts and kills. It is this test binary run again (`--ignored --exact
-/// child_joiner`), so that the test does not depend on which build of the
-/// `unilog` binary sits in a shared target folder; it runs what `unilog
-/// join` runs, restarts on transient errors included.
-#[test]
-#[ignore = "started by exactly_once_across_a_kill"]
-fn child_joiner() {
-    let Some(path) = std::env::var_os("UNILOG_TEST_JOIN_CONFIG") else {
-        return;
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let cfg = Arc::new(LoadedJoinerConfig::load(Path::new(&path)).unwrap());
-        loop {
-            match unilog::joiner::run(cfg.clone(), Arc::new(AtomicBool::new(false))).await {
-                Ok(_) => return,
-                Err(e) if e.is_transient() => {
-                    eprintln!("joiner failed: {e}; restarting");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("joiner: {e}"),
-            }
-        }
-    });
-}
-
 /// Kills the joiner with SIGKILL mid-stream, restarts it, and finds every
 /// output record exactly once (read_committed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,9 +328,9 @@ async fn exactly_once_across_a_kill() {
     );
     let spawn = || {
         Killed(
-            std::process::Command::new(std::env::current_exe().unwrap())
-                .args(["--ignored", "--exact", "child_joiner", "--nocapture"])
-                .env("UNILOG_TEST_JOIN_CONFIG", &path)
+            std::process::Command::new(support::unilog_bin())
+                .args(["join", "--config"])
+                .arg(&path)
                 .env("RUST_LOG", "unilog=info")
                 .stdout(std::process::Stdio::null())
                 .stderr(std::fs::File::create(dir.path().join("join.log")).unwrap())
