@@ -649,3 +649,184 @@ async fn full_document_modes_give_what_they_say() {
         fx.cleanup().await;
     }
 }
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The crash test for the MongoDB source, at scale (run by hand, see
+/// docs/FAULTS.md): a load of inserts and updates while `unilog run` is
+/// SIGKILLed again and again; then every change must be on the topic once
+/// or more, repeats byte-identical, and the final state equal to the
+/// collection's. `MONGO_CRASH_CHANGES` (default 100,000) and
+/// `MONGO_CRASH_KILLS` (default 10) size it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "minutes long: run by hand (docs/FAULTS.md)"]
+async fn mongo_crash_test() {
+    use rand::Rng;
+    let changes = env_number("MONGO_CRASH_CHANGES", 100_000);
+    let kills = env_number("MONGO_CRASH_KILLS", 10);
+    let mode = std::env::var("MONGO_CRASH_MODE").unwrap_or_else(|_| "change_streams".into());
+    // `when_available`: post-images, so a repeat carries the same document.
+    // With `update_lookup`, a repeated update carries the document as it is
+    // when read again, which may be newer.
+    let full =
+        std::env::var("MONGO_CRASH_FULL_DOCUMENT").unwrap_or_else(|_| "when_available".into());
+    let stack = Stack::from_env();
+    let fx = MongoFixture::new(&stack, &mode, &format!("    full_document: {full}\n"), "").await;
+    let users = fx.users();
+    users.insert_one(user(0)).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut child = spawn_unilog(&fx);
+    // Changes made before unilog noted its start are in its initial copy
+    // only (as snapshot events): begin the load once the copy is done.
+    let state = fx.dir.path().join(format!("state/{}.mongo.json", fx.name));
+    while !std::fs::read_to_string(&state)
+        .unwrap_or_default()
+        .contains("\"copy_complete\": true")
+    {
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "the copy did not finish:\n{}",
+            unilog_log(&fx)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let inserts = changes * 4 / 5;
+    let updates = changes - inserts;
+    let writer = {
+        let users = users.clone();
+        tokio::spawn(async move {
+            let mut ids: Vec<Bson> = Vec::with_capacity(inserts);
+            let mut done_updates = 0;
+            let mut i = 0;
+            while ids.len() < inserts {
+                let batch: Vec<Document> = (0..200.min(inserts - ids.len()))
+                    .map(|_| {
+                        i += 1;
+                        user(1 + i)
+                    })
+                    .collect();
+                ids.extend(batch.iter().map(|d| d.get("_id").unwrap().clone()));
+                users.insert_many(batch).await.unwrap();
+                let due = updates * ids.len() / inserts;
+                while done_updates < due {
+                    let id = ids[rand::rng().random_range(0..ids.len())].clone();
+                    users
+                        .update_one(doc! {"_id": id}, doc! {"$inc": {"age": 1}})
+                        .await
+                        .unwrap();
+                    done_updates += 1;
+                }
+            }
+            ids.len() + done_updates
+        })
+    };
+    let mut killed = 0;
+    while killed < kills && !writer.is_finished() {
+        let wait = rand::rng().random_range(500..2500);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        kill9(&mut child);
+        killed += 1;
+        child = spawn_unilog(&fx);
+    }
+    let written = writer.await.unwrap() + 1;
+    // Until every change is there (by the dedup id header), or 10 minutes:
+    // repeats alone can pass a count of records.
+    let waited = std::time::Instant::now();
+    let mut records = loop {
+        let records = consume(
+            &stack.brokers,
+            &fx.topic,
+            written,
+            Duration::from_secs(3),
+            Duration::from_secs(600),
+        )
+        .await;
+        let distinct: HashSet<&str> = records
+            .iter()
+            .filter_map(|r| r.headers.get("unilog.dedup_id").map(String::as_str))
+            .collect();
+        if distinct.len() >= written || waited.elapsed() > Duration::from_secs(120) {
+            break records;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    };
+    records.sort_by_key(|r| (r.partition, r.offset));
+    let decoded = decode_all(&mut Decoder::new(&stack.registry), &records).await;
+    let status = support::sigterm(&mut child.0);
+    assert!(status.success(), "{status:?}\n{}", unilog_log(&fx));
+    let mut by_id: HashMap<&str, &[u8]> = HashMap::new();
+    let mut repeats = 0;
+    let mut newer = 0;
+    for (r, d) in records.iter().zip(&decoded) {
+        let id = d["dedup_id"].as_str().unwrap();
+        if let Some(prev) = by_id.insert(id, &r.payload) {
+            repeats += 1;
+            if prev != r.payload.as_slice() {
+                assert!(
+                    full == "update_lookup" && d["op"] == "update",
+                    "dedup id {id} with other bytes"
+                );
+                newer += 1;
+            }
+        }
+    }
+    let want: BTreeMap<String, i64> = users
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| (hex(d), i64::from(d.get_i32("age").unwrap())))
+        .collect();
+    let got: BTreeMap<String, i64> = final_state(&decoded)
+        .into_iter()
+        .map(|(k, after)| (k, after["age"].as_i64().unwrap()))
+        .collect();
+    println!(
+        "mongo crash test ({mode}, {full}): {written} changes, {killed} SIGKILLs, {} records, {} distinct changes, {repeats} repeats ({:.1}%, {newer} with a newer looked-up document), {:.0} s",
+        records.len(),
+        by_id.len(),
+        100.0 * f64::from(u32::try_from(repeats).unwrap()) / f64::from(u32::try_from(by_id.len()).unwrap()),
+        started.elapsed().as_secs_f64()
+    );
+    if by_id.len() != written {
+        // Which kind of change is missing, for the report.
+        let inserted: HashSet<&str> = decoded
+            .iter()
+            .filter(|d| d["op"] == "insert")
+            .map(|d| d["key"].as_str().unwrap())
+            .collect();
+        let no_insert = want
+            .keys()
+            .filter(|k| !inserted.contains(k.as_str()))
+            .count();
+        let stale = want
+            .iter()
+            .filter(|(k, age)| got.get(*k) != Some(*age))
+            .count();
+        eprintln!(
+            "missing: {} changes; documents without an insert event: {no_insert}; documents whose last event is not their final state: {stale}\n{}",
+            written - by_id.len(),
+            unilog_log(&fx)
+                .lines()
+                .filter(|l| !l.contains("progress"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+    assert_eq!(
+        by_id.len(),
+        written,
+        "every change once or more, none missing"
+    );
+    assert_eq!(got, want, "the final state of every document");
+    assert!(killed >= kills.min(3), "only {killed} kills");
+    fx.cleanup().await;
+}

@@ -363,7 +363,7 @@ fn insert(
             }
             continue;
         }
-        c.docs.push(d.clone());
+        c.push(d.clone());
         let op = Op::new("i", ns.clone(), Some(uuid), d.clone())
             .o2(oplog::document_key(&d))
             .images(None, Some(d));
@@ -405,6 +405,21 @@ struct UpdateSpec<'a> {
 }
 
 /// One update statement: operator update or replacement, upsert, multi.
+/// The documents `filter` matches, in insertion order: through the `_id`
+/// index when the filter is only on `_id`, else by a scan.
+fn matching(c: &Collection, filter: &Document) -> Result<Vec<Document>, CommandError> {
+    if let Some(docs) = c.by_id_filter(filter) {
+        return Ok(docs.into_iter().cloned().collect());
+    }
+    let mut out = Vec::new();
+    for d in &c.docs {
+        if query::matches(d, filter)? {
+            out.push(d.clone());
+        }
+    }
+    Ok(out)
+}
+
 fn update_one_statement(
     state: &mut State,
     db: &str,
@@ -427,15 +442,7 @@ fn update_one_statement(
     }
     let ns = format!("{db}.{coll}");
     let mut targets: Vec<Document> = match state.store.collection(db, coll) {
-        Some(c) => c
-            .docs
-            .iter()
-            .filter_map(|d| match query::matches(d, query_doc) {
-                Ok(true) => Some(Ok(d.clone())),
-                Ok(false) => None,
-                Err(e) => Some(Err(e)),
-            })
-            .collect::<Result<_, _>>()?,
+        Some(c) => matching(c, query_doc)?,
         None => Vec::new(),
     };
     if let Some(sort) = sort {
@@ -469,7 +476,7 @@ fn update_one_statement(
         let uuid = ensure_collection(state, db, coll);
         let id = new_doc.get("_id").cloned().unwrap_or(Bson::Null);
         if let Some(c) = state.store.collection_mut(db, coll) {
-            c.docs.push(new_doc.clone());
+            c.push(new_doc.clone());
         }
         let op = Op::new("i", ns, Some(uuid), new_doc.clone())
             .o2(oplog::document_key(&new_doc))
@@ -613,12 +620,7 @@ fn delete_matching(
         return Ok(Vec::new());
     };
     let uuid = c.uuid;
-    let mut victims = Vec::new();
-    for d in &c.docs {
-        if query::matches(d, query_doc)? {
-            victims.push(d.clone());
-        }
-    }
+    let mut victims = matching(c, query_doc)?;
     if let Some(sort) = sort {
         query::sort_docs(&mut victims, sort);
     }
@@ -630,7 +632,7 @@ fn delete_matching(
         let id = d.get("_id").cloned().unwrap_or(Bson::Null);
         if let Some(c) = state.store.collection_mut(db, coll) {
             if let Some(i) = c.position(&id) {
-                c.docs.remove(i);
+                c.remove(i);
             }
         }
         let op =
@@ -777,14 +779,10 @@ fn find(state: &mut State, db: &str, command: &Document) -> Result<Document, Com
             "error processing query: ns={db}.{coll}: tailable cursor requested on non capped collection"
         )));
     }
-    let mut docs = Vec::new();
-    if let Some(c) = state.store.collection(db, coll) {
-        for d in &c.docs {
-            if query::matches(d, &filter)? {
-                docs.push(d.clone());
-            }
-        }
-    }
+    let mut docs = match state.store.collection(db, coll) {
+        Some(c) => matching(c, &filter)?,
+        None => Vec::new(),
+    };
     if !sort.is_empty() {
         query::sort_docs(&mut docs, &sort);
     }
