@@ -403,6 +403,9 @@ impl LoadedConfig {
                 "must be a URL like postgres://user:password@host:5432/database",
             ));
         }
+        if let Err(e) = crate::sources::pg_logical::tls::PgUrl::parse(&pg.url) {
+            return Err(self.err("source.postgres.url", e));
+        }
         for (field, value) in [("slot", &pg.slot), ("publication", &pg.publication)] {
             if let Some(v) = value {
                 let ok = !v.is_empty()

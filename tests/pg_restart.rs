@@ -5,119 +5,13 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::cluster::Cluster;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// A throwaway cluster owned by the `postgres` OS user when run as root.
-struct Cluster {
-    dir: PathBuf,
-    bin: PathBuf,
-    port: u16,
-}
-
-fn as_owner(cmd: &Path, args: &[&str]) -> std::process::Output {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let mut c = if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(cmd);
-        c
-    } else {
-        Command::new(cmd)
-    };
-    c.args(args)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run a postgres tool")
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let bin = PathBuf::from(
-            std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("unilog-pgrestart-{}", suffix()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let _ = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&dir)
-            .status();
-        let data = dir.join("data");
-        let out = as_owner(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let conf = format!(
-            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nwal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\n",
-            dir.display()
-        );
-        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-        existing.push_str(&conf);
-        // Written as root when run as root: the owner only needs to read it.
-        std::fs::write(data.join("postgresql.conf"), existing).unwrap();
-        let c = Cluster { dir, bin, port };
-        c.pg_ctl(&["start", "-w", "-t", "60"]);
-        c
-    }
-
-    fn pg_ctl(&self, args: &[&str]) {
-        let data = self.dir.join("data");
-        let log = self.dir.join("log");
-        let mut all = vec!["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap()];
-        all.extend_from_slice(args);
-        let out = as_owner(&self.bin.join("pg_ctl"), &all);
-        assert!(
-            out.status.success(),
-            "pg_ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let _ = as_owner(
-            &self.bin.join("pg_ctl"),
-            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
-        );
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 async fn streaming(admin: &tokio_postgres::Client) -> bool {
     admin
@@ -144,7 +38,7 @@ async fn insert_range(url: &str, from: i64, to: i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_is_waited_for_and_nothing_is_lost() {
     let stack = Stack::from_env();
-    let cluster = Cluster::start();
+    let cluster = Cluster::start("");
     let admin = connect(&cluster.url("postgres")).await;
     admin.batch_execute("CREATE DATABASE shop").await.unwrap();
     let url = cluster.url("shop");

@@ -113,6 +113,7 @@ fn parse_info(origin: &str, info: &str, section: &str, text: String) -> Option<D
 /// A reference to any other variable must carry a default (`${VAR:-x}`).
 pub const EXAMPLE_ENV: &[(&str, &str)] = &[
     ("PG_URL", "postgres://unilog:secret@db.internal:5432/app"),
+    ("PG_PASSWORD", "secret"),
     (
         "KAFKA_BROKERS",
         "kafka-1.internal:9092,kafka-2.internal:9092",

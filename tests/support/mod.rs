@@ -5,6 +5,7 @@
 //! suffix), so tests run in any order and in parallel.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod docs;
 
 use std::collections::HashMap;

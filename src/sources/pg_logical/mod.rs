@@ -33,6 +33,7 @@
 pub mod catalog;
 pub mod pgoutput;
 pub mod snapshot;
+pub mod tls;
 pub mod values;
 
 use std::collections::HashMap;
@@ -40,8 +41,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
-use tokio_postgres::{Client, NoTls};
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_postgres::Client;
 
 use crate::checkpoint::{CheckpointError, CheckpointStore, FileCheckpointStore, PgCheckpoint};
 use crate::config::{redact_url, SnapshotMode};
@@ -52,6 +53,7 @@ use crate::sources::{Source, SourceBatch};
 use catalog::{quote_ident, Catalog};
 use pgoutput::{decode, pg_epoch_micros_to_unix, LogicalMessage, OldTuple, TupleData, TupleValue};
 use snapshot::SnapshotReader;
+use tls::PgUrl;
 
 /// Session settings that make text values parse the same everywhere.
 pub const SESSION_OPTIONS: &str =
@@ -68,6 +70,8 @@ pub enum PgError {
         /// a refusal such as a wrong password or a missing database.
         unreachable: bool,
     },
+    #[error("TLS to PostgreSQL at {url} failed: {reason}; check sslmode and sslrootcert in source.postgres.url (sslrootcert must hold the CA that signed the server's certificate, and with verify-full the URL's host must be named in that certificate)")]
+    Tls { url: String, reason: String },
     #[error("PostgreSQL: {what}: {}", pg_text(source))]
     Query {
         what: String,
@@ -173,19 +177,60 @@ pub fn pg_text(e: &tokio_postgres::Error) -> String {
     s
 }
 
-/// Opens an ordinary connection (session settings applied).
+/// Why a connection attempt failed, classified: TLS problems and refusals
+/// are permanent, an unreachable server is worth retrying.
+fn connect_error(url: &str, e: &tokio_postgres::Error) -> PgError {
+    let url = redact_url(url);
+    let reason = pg_text(e);
+    if tls::is_tls_error(e) || (e.as_db_error().is_none() && reason.contains("TLS")) {
+        return PgError::Tls { url, reason };
+    }
+    if let Some(db) = e.as_db_error() {
+        // pg_hba.conf has only `hostssl` lines for this client.
+        if db.message().contains("no encryption") {
+            return PgError::Connect {
+                url,
+                reason: format!("{reason}; the server accepts this user only over TLS: add sslmode=require, or better sslmode=verify-full&sslrootcert=/path/to/ca.pem, to the URL"),
+                unreachable: false,
+            };
+        }
+    }
+    PgError::Connect {
+        url,
+        reason,
+        unreachable: e.as_db_error().is_none_or(|d| {
+            let c = d.code().code();
+            c.starts_with("08") || c.starts_with("57") || c == "53300"
+        }),
+    }
+}
+
+/// A replication-connection error; TLS failures are permanent.
+fn repl_err(url: &str) -> impl Fn(PgWireError) -> PgError + '_ {
+    move |e| match e {
+        PgWireError::Tls(reason) => PgError::Tls {
+            url: redact_url(url),
+            reason,
+        },
+        other => PgError::Replication(other.to_string()),
+    }
+}
+
+/// Opens an ordinary connection (session settings applied), with TLS as
+/// the URL's `sslmode` and `sslrootcert` say.
 pub async fn connect_plain(url: &str) -> Result<Client, PgError> {
-    let (client, conn) =
-        tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(|e| PgError::Connect {
-                url: redact_url(url),
-                reason: pg_text(&e),
-                unreachable: e.as_db_error().is_none_or(|d| {
-                    let c = d.code().code();
-                    c.starts_with("08") || c.starts_with("57") || c == "53300"
-                }),
-            })?;
+    let parsed = PgUrl::parse(url).map_err(|reason| PgError::Connect {
+        url: redact_url(url),
+        reason,
+        unreachable: false,
+    })?;
+    let tls = parsed.connector().map_err(|reason| PgError::Tls {
+        url: redact_url(url),
+        reason,
+    })?;
+    let (client, conn) = tokio_postgres::connect(&parsed.url, tls)
+        .await
+        .map_err(|e| connect_error(url, &e))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "postgres connection closed");
@@ -363,8 +408,8 @@ impl PgSource {
             reason,
             unreachable: false,
         };
-        let pc =
-            tokio_postgres::Config::from_str(&self.settings.url).map_err(|e| bad(e.to_string()))?;
+        let parsed = PgUrl::parse(&self.settings.url).map_err(bad)?;
+        let pc = tokio_postgres::Config::from_str(&parsed.url).map_err(|e| bad(e.to_string()))?;
         let host = match pc.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -379,6 +424,7 @@ impl PgSource {
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
+        let tls = parsed.replication_tls(&host);
         Ok(ReplicationConfig::new(
             host,
             user,
@@ -392,7 +438,8 @@ impl PgSource {
         .with_application_name(format!("unilog-{}", self.settings.slot))
         .with_status_interval(Duration::from_secs(1))
         .with_wakeup_interval(Duration::from_secs(5))
-        .with_buffer_size(8192))
+        .with_buffer_size(8192)
+        .with_tls(tls))
     }
 
     /// Opens the slot: creates it (with an exported snapshot) when it does
@@ -455,7 +502,7 @@ impl PgSource {
                 self.repl = Some(
                     ReplicationClient::connect_gated(cfg)
                         .await
-                        .map_err(|e| PgError::Replication(e.to_string()))?,
+                        .map_err(repl_err(&self.settings.url))?,
                 );
                 return Ok(None);
             }
@@ -468,7 +515,7 @@ impl PgSource {
 
         let mut repl = ReplicationClient::connect_gated(self.replication_config()?)
             .await
-            .map_err(|e| PgError::Replication(e.to_string()))?;
+            .map_err(repl_err(&self.settings.url))?;
         let mode = if snapshot_needed { "export" } else { "nothing" };
         let rows = repl
             .simple_query(&format!(
@@ -476,7 +523,10 @@ impl PgSource {
                 quote_ident(&slot)
             ))
             .await
-            .map_err(|e| PgError::Setup(format!("cannot create replication slot `{slot}`: {e}")))?;
+            .map_err(|e| match e {
+                PgWireError::Tls(_) => repl_err(&self.settings.url)(e),
+                e => PgError::Setup(format!("cannot create replication slot `{slot}`: {e}")),
+            })?;
         let field = |i: usize| {
             rows.first()
                 .and_then(|r| r.get(i))
@@ -524,12 +574,10 @@ impl PgSource {
             .repl
             .as_mut()
             .ok_or_else(|| PgError::Replication("the slot was not opened".into()))?;
-        repl.start()
-            .await
-            .map_err(|e| PgError::Replication(e.to_string()))?;
+        repl.start().await.map_err(repl_err(&self.settings.url))?;
         repl.wait_started()
             .await
-            .map_err(|e| PgError::Replication(e.to_string()))?;
+            .map_err(repl_err(&self.settings.url))?;
         tracing::info!(slot = %self.settings.slot, from = %self.start_lsn, "streaming changes");
         Ok(())
     }
@@ -761,7 +809,7 @@ impl Source for PgSource {
                 .ok_or_else(|| PgError::Replication("the slot was not opened".into()))?;
             let next = match tokio::time::timeout(wait, repl.recv()).await {
                 Err(_) => return Ok(batch),
-                Ok(Err(e)) => return Err(PgError::Replication(e.to_string())),
+                Ok(Err(e)) => return Err(repl_err(&self.settings.url)(e)),
                 Ok(Ok(None)) => {
                     return Err(PgError::Replication(
                         "the server ended the replication stream".into(),
