@@ -276,6 +276,22 @@ pub struct PostgresConfig {
     /// Create the publication (or add missing tables to it) at start-up.
     #[serde(default = "yes")]
     pub manage_publication: bool,
+    /// What to do when the slot this pipeline streamed from is gone.
+    #[serde(default)]
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// What happens when the slot the pipeline streamed from was dropped or
+/// invalidated: the changes since the last delivered position are gone.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotLostPolicy {
+    /// Stop with what happened and how to recover.
+    #[default]
+    Stop,
+    /// Drop what is left of the slot, create a new one and copy the mapped
+    /// tables again, then stream.
+    Resnapshot,
 }
 
 fn yes() -> bool {

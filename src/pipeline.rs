@@ -331,6 +331,7 @@ fn settings(cfg: &LoadedConfig) -> PgSettings {
         publication: cfg.publication(),
         snapshot: pg.snapshot,
         manage_publication: pg.manage_publication,
+        on_slot_lost: pg.on_slot_lost,
     }
 }
 

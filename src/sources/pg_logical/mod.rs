@@ -45,7 +45,7 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, Repl
 use tokio_postgres::Client;
 
 use crate::checkpoint::{CheckpointError, CheckpointStore, FileCheckpointStore, PgCheckpoint};
-use crate::config::{redact_url, SnapshotMode};
+use crate::config::{redact_url, SlotLostPolicy, SnapshotMode};
 use crate::event::{
     ChangeEvent, ColumnInfo, Lsn, Op, Position, Row, SeqKey, SourceMeta, TableInfo, Value,
 };
@@ -82,6 +82,8 @@ pub enum PgError {
     Setup(String),
     #[error("PostgreSQL: {0}")]
     SlotBusy(String),
+    #[error("{0}")]
+    SlotLost(String),
     #[error("replication stream: {0}")]
     Replication(String),
     #[error("cannot decode a pgoutput message at {lsn}: {reason}")]
@@ -128,6 +130,16 @@ pub struct PgSettings {
     pub publication: String,
     pub snapshot: SnapshotMode,
     pub manage_publication: bool,
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// How a slot the pipeline streamed from went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotLoss {
+    /// It no longer exists (`pg_drop_replication_slot`).
+    Dropped,
+    /// The server removed WAL it needed (`wal_status = 'lost'`).
+    Invalidated,
 }
 
 /// The state of the current transaction in the stream.
@@ -459,11 +471,50 @@ impl PgSource {
             .await
             .map_err(query_err("reading replication slots"))?;
         let same_slot = self.state.slot == slot;
-        let snapshot_needed = self.settings.snapshot == SnapshotMode::Initial;
+        let mut snapshot_needed = self.settings.snapshot == SnapshotMode::Initial;
+        let wal_lost = existing
+            .as_ref()
+            .is_some_and(|r| r.get::<_, Option<String>>(3).as_deref() == Some("lost"));
+        // The slot went away under a pipeline that had streamed from it:
+        // the changes since the last delivered position cannot be read any
+        // more. (A slot whose initial snapshot did not finish is simply
+        // started over, below.)
+        let snapshot_unfinished = same_slot && !self.state.snapshot_complete;
+        let loss = match &existing {
+            None if same_slot && self.state.snapshot_complete => Some(SlotLoss::Dropped),
+            Some(_) if wal_lost && !snapshot_unfinished => Some(SlotLoss::Invalidated),
+            _ => None,
+        };
+        let mut existing = existing;
+        if let Some(loss) = loss {
+            let current: String = self
+                .client
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(query_err("reading the current WAL position"))?
+                .get(0);
+            let what = self.slot_loss_text(loss, &current);
+            match self.settings.on_slot_lost {
+                SlotLostPolicy::Stop => {
+                    return Err(PgError::SlotLost(self.slot_loss_advice(loss, &what)));
+                }
+                SlotLostPolicy::Resnapshot => {
+                    tracing::warn!(slot = %slot, "{what}; on_slot_lost is resnapshot: creating a new slot and copying the mapped tables again");
+                    if loss == SlotLoss::Invalidated {
+                        self.client
+                            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                            .await
+                            .map_err(query_err(format!("dropping invalidated slot {slot}")))?;
+                    }
+                    self.state.snapshot_complete = false;
+                    snapshot_needed = true;
+                    existing = None;
+                }
+            }
+        }
         if let Some(row) = &existing {
             let plugin: Option<String> = row.get(1);
             let db: Option<String> = row.get(2);
-            let wal_status: Option<String> = row.get(3);
             let active: bool = row.get(4);
             if plugin.as_deref() != Some("pgoutput")
                 || db.as_deref() != Some(self.database.as_str())
@@ -473,17 +524,17 @@ impl PgSource {
                     self.database
                 )));
             }
-            if wal_status.as_deref() == Some("lost") {
-                return Err(PgError::Setup(format!(
-                    "slot `{slot}` was invalidated by the server (WAL it needed was removed); drop it with `SELECT pg_drop_replication_slot('{slot}')` and restart unilog to take a new snapshot"
-                )));
-            }
             if active {
                 return Err(PgError::SlotBusy(format!(
                     "slot `{slot}` is in use by another process (another unilog running this pipeline, or the server has not yet noticed that a previous one died)"
                 )));
             }
             let resumable = !snapshot_needed || (same_slot && self.state.snapshot_complete);
+            if resumable && wal_lost {
+                return Err(PgError::Setup(format!(
+                    "slot `{slot}` was invalidated by the server (WAL it needed was removed); drop it with `SELECT pg_drop_replication_slot('{slot}')` and restart unilog to take a new snapshot"
+                )));
+            }
             if resumable {
                 let confirmed: Option<String> = row.get(0);
                 let confirmed = confirmed
@@ -559,6 +610,38 @@ impl PgSource {
         };
         self.repl = Some(repl);
         Ok(reader)
+    }
+
+    /// What happened to the slot, for the log and the error.
+    fn slot_loss_text(&self, loss: SlotLoss, current: &str) -> String {
+        let slot = &self.settings.slot;
+        let how = match loss {
+            SlotLoss::Dropped => "no longer exists (it was dropped)".to_string(),
+            SlotLoss::Invalidated => "was invalidated by the server (wal_status = lost: the WAL it needed was removed, see max_slot_wal_keep_size)".to_string(),
+        };
+        let delivered = self
+            .state
+            .delivered_lsn
+            .clone()
+            .unwrap_or_else(|| "its creation".into());
+        format!(
+            "replication slot `{slot}`, which this pipeline streamed from, {how}; changes committed between the last delivered position {delivered} and now ({current}) cannot be read any more and were not published"
+        )
+    }
+
+    /// The stop message: what happened and the commands that recover.
+    fn slot_loss_advice(&self, loss: SlotLoss, what: &str) -> String {
+        let slot = &self.settings.slot;
+        let drop = match loss {
+            SlotLoss::Dropped => String::new(),
+            SlotLoss::Invalidated => format!(
+                "`psql \"$PG_URL\" -c \"SELECT pg_drop_replication_slot('{slot}')\"`, then "
+            ),
+        };
+        format!(
+            "{what}. To recover, take a new snapshot of the mapped tables (consumers receive every current row again as op: snapshot events): either set `source.postgres.on_slot_lost: resnapshot` and start unilog again, or run {drop}`rm {}` and start unilog again (with `snapshot: initial`, the default, it then copies the tables)",
+            self.store.path().display()
+        )
     }
 
     /// Records that the initial snapshot was fully delivered.
