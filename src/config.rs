@@ -323,6 +323,12 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings (`security.protocol`, `sasl.mechanism`, ...).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// Commit each batch with the position it completes in one Kafka
+    /// transaction, so `read_committed` consumers see every change once.
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// The compacted topic of committed positions; default `unilog.<name>.progress`.
+    pub progress_topic: Option<String>,
 }
 
 fn default_partitions() -> i32 {
@@ -512,6 +518,15 @@ impl LoadedConfig {
             .dead_letter_topic
             .clone()
             .unwrap_or_else(|| format!("unilog.{}.dead_letter", self.config.name))
+    }
+
+    /// The topic of committed positions (exactly-once delivery).
+    pub fn progress_topic(&self) -> String {
+        self.config
+            .kafka
+            .progress_topic
+            .clone()
+            .unwrap_or_else(|| format!("unilog.{}.progress", self.config.name))
     }
 
     /// Folder for local state of this pipeline.

@@ -18,12 +18,12 @@ use futures::{FutureExt, StreamExt};
 
 use crate::checkpoint::FileCheckpointStore;
 use crate::config::{BadRowPolicy, ConfigError, LoadedConfig};
-use crate::event::{ChangeEvent, Position, TableInfo};
+use crate::event::{ChangeEvent, Lsn, Op, Position, SeqKey, TableInfo};
 use crate::mapping::registry::RegistryClient;
 use crate::mapping::spec::LoadedMapping;
 use crate::mapping::{dedup_id, DomainEvent, Mapper, MappingError};
-use crate::sinks::kafka::{ensure_topics, KafkaSink};
-use crate::sinks::{Sink, SinkError};
+use crate::sinks::kafka::{ensure_progress_topic, ensure_topics, read_last, KafkaSink};
+use crate::sinks::{ProgressRecord, Sink, SinkError};
 use crate::sources::pg_logical::{connect_plain, PgError, PgSettings, PgSource};
 use crate::sources::Source;
 use crate::telemetry::{health, metrics, names, LatencyHistogram, Phase};
@@ -88,6 +88,55 @@ pub struct RunStats {
     pub dead_lettered: u64,
     /// Commit-to-Kafka-acknowledgement latency of streamed changes.
     pub latency: LatencyHistogram,
+    /// Changes read again after a restart and skipped, because an earlier
+    /// run had committed them (exactly-once delivery).
+    pub skipped_committed: u64,
+}
+
+/// What the progress topic records for a pipeline (exactly-once delivery).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    /// The life of the slot these positions belong to.
+    slot: String,
+    /// The last source position whose every change is committed.
+    position: Option<String>,
+    /// The last committed change (a batch may end inside a transaction).
+    last_commit: Option<String>,
+    last_ordinal: Option<u64>,
+}
+
+/// Exactly-once delivery: each batch and the position it completes are
+/// committed in one Kafka transaction, the position to a compacted
+/// progress topic. After a restart the slot may resend changes the last
+/// run committed (its acknowledgement lags); those are skipped.
+struct ExactlyOnce {
+    topic: String,
+    key: Vec<u8>,
+    committed: Progress,
+}
+
+impl ExactlyOnce {
+    /// Whether an earlier run committed `ev` already.
+    fn committed_before(&self, ev: &ChangeEvent) -> bool {
+        if ev.op == Op::Snapshot {
+            return false;
+        }
+        let p = &self.committed;
+        if p.position
+            .as_deref()
+            .and_then(|s| s.parse::<Lsn>().ok())
+            .is_some_and(|pos| ev.seq.commit < pos)
+        {
+            return true;
+        }
+        match (
+            p.last_commit.as_deref().and_then(|s| s.parse::<Lsn>().ok()),
+            p.last_ordinal,
+        ) {
+            (Some(commit), Some(ordinal)) => ev.seq <= SeqKey { commit, ordinal },
+            _ => false,
+        }
+    }
 }
 
 /// What is known of a batch handed to the sink.
@@ -115,6 +164,8 @@ struct Publisher<'a, K: Sink> {
     max_in_flight: usize,
     /// Where poison rows go; `None`: stop on them.
     dead_letter: Option<Arc<str>>,
+    /// Set for exactly-once delivery.
+    exactly_once: Option<ExactlyOnce>,
     stats: RunStats,
 }
 
@@ -170,6 +221,25 @@ impl<K: Sink> Publisher<'_, K> {
         events: Vec<ChangeEvent>,
         position: Option<Position>,
     ) -> Result<Vec<Position>, PipelineError> {
+        let events = match &self.exactly_once {
+            Some(eo) => {
+                let before = events.len();
+                let kept: Vec<ChangeEvent> = events
+                    .into_iter()
+                    .filter(|e| !eo.committed_before(e))
+                    .collect();
+                let skipped = before - kept.len();
+                if skipped > 0 {
+                    tracing::info!(
+                        skipped,
+                        "exactly once: skipped changes that an earlier run committed"
+                    );
+                }
+                self.stats.skipped_committed += skipped as u64;
+                kept
+            }
+            None => events,
+        };
         self.stats.events_read += events.len() as u64;
         let mut out: Vec<DomainEvent> = Vec::with_capacity(events.len());
         let mut commit_times = Vec::new();
@@ -210,6 +280,20 @@ impl<K: Sink> Publisher<'_, K> {
             per_table.push((name, published));
         }
         self.stats.events_published += out.len() as u64;
+        if self.exactly_once.is_some() {
+            let last = events
+                .iter()
+                .rev()
+                .find(|e| e.op != Op::Snapshot)
+                .map(|e| e.seq);
+            let info = BatchInfo {
+                position,
+                handed_over: Instant::now(),
+                per_table,
+                commit_times,
+            };
+            return self.commit_atomic(out, last, info).await;
+        }
         let mut done = Vec::new();
         if out.is_empty() && self.inflight.is_empty() {
             // Nothing to wait for: the position is delivered already.
@@ -236,6 +320,41 @@ impl<K: Sink> Publisher<'_, K> {
         }
         done.extend(self.completed()?);
         Ok(done)
+    }
+
+    /// Commits `out` and the progress it makes in one transaction; returns
+    /// the batch's position, ready to acknowledge.
+    async fn commit_atomic(
+        &mut self,
+        out: Vec<DomainEvent>,
+        last: Option<SeqKey>,
+        info: BatchInfo,
+    ) -> Result<Vec<Position>, PipelineError> {
+        let position = info.position;
+        let Some(eo) = self.exactly_once.as_mut() else {
+            return Ok(Vec::new());
+        };
+        if out.is_empty() {
+            // Nothing to publish: the position is delivered already.
+            return Ok(position.into_iter().collect());
+        }
+        let mut record = None;
+        if last.is_some() || position.is_some() {
+            if let Some(seq) = last {
+                eo.committed.last_commit = Some(seq.commit.to_string());
+                eo.committed.last_ordinal = Some(seq.ordinal);
+            }
+            if let Some(p) = position {
+                eo.committed.position = Some(p.0.to_string());
+            }
+            record = Some(ProgressRecord {
+                topic: eo.topic.clone(),
+                key: eo.key.clone(),
+                value: serde_json::to_vec(&eo.committed).unwrap_or_default(),
+            });
+        }
+        self.sink.write_atomic(out, record).await?;
+        Ok(self.delivered(info).into_iter().collect())
     }
 
     /// Positions of deliveries that already finished, without waiting.
@@ -428,6 +547,19 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
     let kafka = &cfg.config.kafka;
     let sink = KafkaSink::new(&kafka.brokers, &kafka.properties)?;
     sink.check_connection(Duration::from_secs(10)).await?;
+    let sink = if kafka.exactly_once {
+        ensure_progress_topic(
+            &kafka.brokers,
+            &kafka.properties,
+            &cfg.progress_topic(),
+            kafka.replication_factor,
+        )
+        .await?;
+        KafkaSink::transactional(&kafka.brokers, &kafka.properties, &format!("unilog-{name}"))
+            .await?
+    } else {
+        sink
+    };
     let mut topics = mapper.topics();
     if cfg.config.on_bad_row == BadRowPolicy::DeadLetter {
         topics.push(cfg.dead_letter_topic());
@@ -452,6 +584,11 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         max_in_flight: batch.max_in_flight,
         dead_letter: (cfg.config.on_bad_row == BadRowPolicy::DeadLetter)
             .then(|| Arc::from(cfg.dead_letter_topic().as_str())),
+        exactly_once: kafka.exactly_once.then(|| ExactlyOnce {
+            topic: cfg.progress_topic(),
+            key: name.clone().into_bytes(),
+            committed: Progress::default(),
+        }),
         stats: RunStats::default(),
     };
 
@@ -479,6 +616,9 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         publisher.stats.snapshot_rows = snap.rows();
         source.snapshot_delivered()?;
         tracing::info!(rows = snap.rows(), "initial snapshot delivered");
+    }
+    if let Some(eo) = publisher.exactly_once.as_mut() {
+        eo.committed = committed_progress(cfg, &eo.topic, source.slot_incarnation()).await?;
     }
     source.start_streaming().await?;
     health().set_phase(&name, Phase::Streaming);
@@ -552,9 +692,54 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         latency_samples = lat.count(),
         latency_p50_ms = lat.quantile_ms(0.5).unwrap_or_default(),
         latency_p99_ms = lat.quantile_ms(0.99).unwrap_or_default(),
+        skipped_committed = publisher.stats.skipped_committed,
         "stopped cleanly"
     );
     Ok(publisher.stats)
+}
+
+/// What the progress topic says this life of the slot committed last.
+async fn committed_progress(
+    cfg: &LoadedConfig,
+    topic: &str,
+    incarnation: String,
+) -> Result<Progress, PipelineError> {
+    let kafka = &cfg.config.kafka;
+    let last = read_last(
+        &kafka.brokers,
+        &kafka.properties,
+        topic,
+        cfg.config.name.as_bytes(),
+        Duration::from_secs(2),
+    )
+    .await?;
+    let fresh = Progress {
+        slot: incarnation.clone(),
+        ..Progress::default()
+    };
+    let Some(bytes) = last else {
+        return Ok(fresh);
+    };
+    match serde_json::from_slice::<Progress>(&bytes) {
+        Ok(p) if p.slot == incarnation => {
+            tracing::info!(
+                topic,
+                position = p.position.as_deref().unwrap_or("-"),
+                last_commit = p.last_commit.as_deref().unwrap_or("-"),
+                last_ordinal = p.last_ordinal.unwrap_or_default(),
+                "exactly once: changes up to the committed position are skipped"
+            );
+            Ok(p)
+        }
+        Ok(p) => {
+            tracing::info!(topic, recorded = %p.slot, current = %incarnation, "exactly once: the progress topic records another life of the slot; starting from the slot");
+            Ok(fresh)
+        }
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "exactly once: unreadable progress record; starting from the slot (changes may repeat once)");
+            Ok(fresh)
+        }
+    }
 }
 
 /// Every 10 s, the WAL the server keeps for the slot (a gauge).

@@ -313,6 +313,17 @@ impl PgSource {
             .saturating_sub(self.acked.0.max(self.start_lsn.0))
     }
 
+    /// This life of the slot: its name and the consistent point it was
+    /// created at. Positions recorded in another life (the slot dropped and
+    /// created again) do not apply to it.
+    pub fn slot_incarnation(&self) -> String {
+        format!(
+            "{}@{}",
+            self.state.slot,
+            self.state.slot_created_at.as_deref().unwrap_or("unknown")
+        )
+    }
+
     /// The database name.
     pub fn database(&self) -> &str {
         &self.database
