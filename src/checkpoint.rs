@@ -32,6 +32,84 @@ impl PgCheckpoint {
     }
 }
 
+/// What a MongoDB pipeline remembers between runs. Positions are kept as
+/// canonical extended JSON, so the file stays readable and exact.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MongoCheckpoint {
+    /// `change_streams` or `oplog`: positions of one mode mean nothing to the other.
+    pub mode: String,
+    /// Cluster time (`{"t": .., "i": ..}`) noted before the initial copy;
+    /// streaming starts just after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_started_at: Option<serde_json::Value>,
+    /// Change streams: the resume token noted before the initial copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_start_token: Option<serde_json::Value>,
+    /// Collections (`db.coll`) whose copy Kafka confirmed completely.
+    #[serde(default)]
+    pub copied: Vec<String>,
+    /// The collection being copied and the last `_id` Kafka confirmed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy_progress: Option<(String, serde_json::Value)>,
+    /// The initial copy of every mapped collection was delivered.
+    #[serde(default)]
+    pub copy_complete: bool,
+    /// Change streams: the last delivered resume token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_token: Option<serde_json::Value>,
+    /// Whether that token is an invalidate's (reopen with `startAfter`).
+    #[serde(default)]
+    pub token_is_invalidate: bool,
+    /// Cluster time of the last delivered change (`{"t": .., "i": ..}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivered_ts: Option<serde_json::Value>,
+    /// The error that last stopped the pipeline, with its time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Reads a JSON state file; `Ok(None)` when there is none.
+pub fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, CheckpointError> {
+    let io = |reason: String| CheckpointError::Io {
+        path: path.to_path_buf(),
+        reason,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| io(format!("unreadable ({e}); move it away to start over"))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io(e.to_string())),
+    }
+}
+
+/// Writes a JSON state file atomically: temporary file, fsync, rename.
+pub fn write_json<T: Serialize>(path: &Path, state: &T) -> Result<(), CheckpointError> {
+    let io = |reason: String| CheckpointError::Io {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
+    }
+    let tmp = path.with_extension("json.tmp");
+    let body = serde_json::to_vec_pretty(state).map_err(|e| io(e.to_string()))?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(|e| io(e.to_string()))?;
+        f.write_all(&body).map_err(|e| io(e.to_string()))?;
+        f.sync_all().map_err(|e| io(e.to_string()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io(e.to_string()))
+}
+
+/// Where a MongoDB pipeline keeps its state: `dir/<pipeline>.mongo.json`.
+pub fn mongo_state_path(dir: &Path, pipeline: &str) -> PathBuf {
+    dir.join(format!("{pipeline}.mongo.json"))
+}
+
 /// Why the checkpoint could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -68,23 +146,11 @@ impl FileCheckpointStore {
     pub fn path(&self) -> &Path {
         &self.path
     }
-
-    fn io(&self, reason: impl std::fmt::Display) -> CheckpointError {
-        CheckpointError::Io {
-            path: self.path.clone(),
-            reason: reason.to_string(),
-        }
-    }
 }
 
 impl CheckpointStore for FileCheckpointStore {
     fn load(&self) -> Result<PgCheckpoint, CheckpointError> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| self.io(format!("unreadable ({e}); move it away to start over"))),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(PgCheckpoint::default()),
-            Err(e) => Err(self.io(e)),
-        }
+        Ok(read_json(&self.path)?.unwrap_or_default())
     }
 
     fn commit(&mut self, state: &PgCheckpoint) -> Result<(), CheckpointError> {
@@ -105,18 +171,7 @@ impl CheckpointStore for FileCheckpointStore {
                 }
             }
         }
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| self.io(e))?;
-        }
-        let tmp = self.path.with_extension("json.tmp");
-        let body = serde_json::to_vec_pretty(state).map_err(|e| self.io(e))?;
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(|e| self.io(e))?;
-            f.write_all(&body).map_err(|e| self.io(e))?;
-            f.sync_all().map_err(|e| self.io(e))?;
-        }
-        std::fs::rename(&tmp, &self.path).map_err(|e| self.io(e))?;
+        write_json(&self.path, state)?;
         self.last = Some(state.clone());
         Ok(())
     }

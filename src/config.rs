@@ -253,11 +253,91 @@ fn default_state_dir() -> PathBuf {
     PathBuf::from(".unilog/state")
 }
 
-/// Which database the pipeline reads.
+/// Which database the pipeline reads: exactly one of `postgres` and `mongo`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    pub postgres: PostgresConfig,
+    pub postgres: Option<PostgresConfig>,
+    pub mongo: Option<MongoConfig>,
+}
+
+/// The source a pipeline reads, once validated.
+#[derive(Debug, Clone, Copy)]
+pub enum SourceChoice<'a> {
+    Postgres(&'a PostgresConfig),
+    Mongo(&'a MongoConfig),
+}
+
+/// Default time a MongoDB read waits for new changes, in milliseconds.
+pub const DEFAULT_MONGO_MAX_AWAIT_MS: u64 = 500;
+
+/// A MongoDB replica set read through change streams or its oplog.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MongoConfig {
+    /// `mongodb://user:password@host:27017/?replicaSet=rs0`.
+    pub url: String,
+    /// How changes are read.
+    #[serde(default)]
+    pub mode: MongoMode,
+    /// Whether to copy existing documents before streaming.
+    #[serde(default)]
+    pub snapshot: SnapshotMode,
+    /// What an update event carries as the new document.
+    #[serde(default)]
+    pub full_document: FullDocument,
+    /// What happens when the saved position is no longer in the oplog.
+    #[serde(default)]
+    pub on_history_lost: HistoryLostPolicy,
+    /// How long one read waits for new changes before the pipeline checks
+    /// for a stop (and, idle, saves the position the server reports).
+    #[serde(default = "default_mongo_max_await")]
+    pub max_await_ms: u64,
+}
+
+fn default_mongo_max_await() -> u64 {
+    DEFAULT_MONGO_MAX_AWAIT_MS
+}
+
+/// How a MongoDB source reads changes.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MongoMode {
+    /// Change streams on the mapped collections' database(s), with resume tokens.
+    #[default]
+    ChangeStreams,
+    /// A tailable cursor on `local.oplog.rs`, filtered by namespace and `ts`.
+    Oplog,
+}
+
+/// What an update event carries as its new document.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FullDocument {
+    /// The document as it is when the change is read (MongoDB's `updateLookup`;
+    /// in oplog mode, a read by `_id`). May be newer than the change.
+    #[default]
+    UpdateLookup,
+    /// The post-image stored with the change, when the collection has
+    /// `changeStreamPreAndPostImages`; otherwise as `none` (change streams only).
+    WhenAvailable,
+    /// The post-image stored with the change; a change without one is an
+    /// error (change streams only).
+    Required,
+    /// No lookup: `after` carries the fields the update set, others are
+    /// null, and `changed_fields` says which are real.
+    None,
+}
+
+/// What to do when the saved position fell off the oplog.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HistoryLostPolicy {
+    /// Stop with a message that says what was lost and what to run.
+    #[default]
+    Stop,
+    /// Copy the mapped collections again from a new start time, then stream.
+    Recopy,
 }
 
 /// A PostgreSQL source read through logical replication (pgoutput).
@@ -418,7 +498,39 @@ impl LoadedConfig {
                 format!("`{}` must be letters, digits and `_` only (it names the slot and the publication)", c.name),
             ));
         }
-        let pg = &c.source.postgres;
+        let pg = match (&c.source.postgres, &c.source.mongo) {
+            (Some(pg), None) => pg,
+            (None, Some(m)) => {
+                if !m.url.starts_with("mongodb://") && !m.url.starts_with("mongodb+srv://") {
+                    return Err(self.err(
+                        "source.mongo.url",
+                        "must be a URL like mongodb://user:password@host:27017/?replicaSet=rs0",
+                    ));
+                }
+                if m.max_await_ms == 0 {
+                    return Err(self.err("source.mongo.max_await_ms", "must be at least 1"));
+                }
+                if c.kafka.exactly_once {
+                    return Err(self.err(
+                        "kafka.exactly_once",
+                        "is supported for source.postgres only so far; remove it (delivery is then at least once, with stable dedup ids)",
+                    ));
+                }
+                return self.validate_common();
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.err(
+                    "source",
+                    "names both `postgres` and `mongo`; a pipeline reads one database (run two pipelines)",
+                ))
+            }
+            (None, None) => {
+                return Err(self.err(
+                    "source",
+                    "names no database; add `postgres:` or `mongo:` under `source:`",
+                ))
+            }
+        };
         if !pg.url.starts_with("postgres://") && !pg.url.starts_with("postgresql://") {
             return Err(self.err(
                 "source.postgres.url",
@@ -442,6 +554,11 @@ impl LoadedConfig {
                 }
             }
         }
+        self.validate_common()
+    }
+
+    fn validate_common(&self) -> Result<(), ConfigError> {
+        let c = &self.config;
         if c.kafka.brokers.trim().is_empty() {
             return Err(self.err("kafka.brokers", "is empty; give host:port[,host:port]"));
         }
@@ -492,23 +609,31 @@ impl LoadedConfig {
     }
 
     /// The Postgres source settings.
-    pub fn postgres(&self) -> &PostgresConfig {
-        &self.config.source.postgres
+    /// `None` for a MongoDB pipeline.
+    pub fn postgres(&self) -> Option<&PostgresConfig> {
+        self.config.source.postgres.as_ref()
     }
 
-    /// The replication slot name.
+    /// The source this pipeline reads (validation made sure there is one).
+    pub fn source(&self) -> SourceChoice<'_> {
+        match (&self.config.source.postgres, &self.config.source.mongo) {
+            (_, Some(m)) => SourceChoice::Mongo(m),
+            (Some(pg), None) => SourceChoice::Postgres(pg),
+            (None, None) => unreachable!("validate() requires a source"),
+        }
+    }
+
+    /// The replication slot name (Postgres).
     pub fn slot(&self) -> String {
         self.postgres()
-            .slot
-            .clone()
+            .and_then(|p| p.slot.clone())
             .unwrap_or_else(|| format!("unilog_{}", self.config.name.to_lowercase()))
     }
 
-    /// The publication name.
+    /// The publication name (Postgres).
     pub fn publication(&self) -> String {
         self.postgres()
-            .publication
-            .clone()
+            .and_then(|p| p.publication.clone())
             .unwrap_or_else(|| format!("unilog_{}", self.config.name.to_lowercase()))
     }
 
@@ -622,7 +747,7 @@ mod tests {
         assert_eq!(c.slot(), "unilog_demo");
         assert_eq!(c.publication(), "unilog_demo");
         assert_eq!(c.config.kafka.partitions, DEFAULT_PARTITIONS);
-        assert_eq!(c.postgres().snapshot, SnapshotMode::Initial);
+        assert_eq!(c.postgres().unwrap().snapshot, SnapshotMode::Initial);
     }
 
     #[test]

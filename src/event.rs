@@ -97,6 +97,8 @@ pub enum Value {
     /// `json` / `jsonb` text.
     Json(String),
     Array(Vec<Value>),
+    /// A nested document, values in the order of its declared fields.
+    Record(Vec<Value>),
     /// A TOASTed value the database did not send because it did not change.
     Unchanged,
     /// A value the source could not parse (the reason, without the value).
@@ -132,6 +134,10 @@ pub enum ColumnType {
     /// Types published as their text form (`interval`, `inet`, `money`, ...).
     TextLike,
     Array(Box<ColumnType>),
+    /// A MongoDB ObjectId, published as its hex text.
+    ObjectId,
+    /// A nested document with declared fields (MongoDB).
+    Record(Vec<ColumnInfo>),
     /// A type unilog cannot publish (its database name); the column must be
     /// dropped in the mapping. Values arrive as their text form.
     Unsupported(String),
@@ -149,9 +155,30 @@ pub struct ColumnInfo {
     pub key: bool,
 }
 
+/// Which kind of database a table lives in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SourceKind {
+    #[default]
+    Postgres,
+    /// A MongoDB collection: `schema` is the database, `name` the
+    /// collection, and the columns are the fields its mapping declares.
+    Mongo,
+}
+
+impl SourceKind {
+    /// The connector name published in every event's `source`.
+    pub fn connector(self) -> &'static str {
+        match self {
+            SourceKind::Postgres => "postgresql",
+            SourceKind::Mongo => "mongodb",
+        }
+    }
+}
+
 /// A source table (or collection) and its columns.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableInfo {
+    pub kind: SourceKind,
     pub database: String,
     pub schema: String,
     pub name: String,
@@ -193,12 +220,25 @@ pub struct ChangeEvent {
     pub before: Option<Row>,
     /// The new row; `None` for deletes and truncates.
     pub after: Option<Row>,
+    /// A stable id of the change given by the source, when its position is
+    /// not an LSN (MongoDB: the resume token or oplog time and index). The
+    /// dedup id is built from it.
+    pub id: Option<Arc<str>>,
+    /// The fields an update changed (dotted paths), where the source says
+    /// so (MongoDB updates); `None` otherwise.
+    pub changed: Option<Vec<String>>,
 }
 
 /// A position a source can be acknowledged up to: everything at or before it
 /// has been delivered downstream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Position(pub Lsn);
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 #[cfg(test)]
 mod tests {

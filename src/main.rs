@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tracing::Instrument;
 
-use unilog::checkpoint::{CheckpointStore, FileCheckpointStore};
+use unilog::checkpoint::{
+    mongo_state_path, read_json, write_json, CheckpointStore, FileCheckpointStore, MongoCheckpoint,
+};
 use unilog::config::LoadedConfig;
 use unilog::mapping::registry::RegistryClient;
 use unilog::mapping::spec::LoadedMapping;
@@ -20,11 +22,12 @@ use unilog::telemetry::{self, LogFormat};
 /// unilog turns a legacy database's own replication stream into domain
 /// events on Kafka, without touching the application.
 ///
-/// It reads PostgreSQL logical replication (pgoutput), maps row changes to
-/// domain events by YAML mappings, checks their Avro schemas against a
+/// It reads PostgreSQL logical replication (pgoutput) or a MongoDB replica
+/// set's change streams or oplog, maps row and document changes to domain
+/// events by YAML mappings, checks their Avro schemas against a
 /// Confluent-compatible schema registry, and publishes them on Kafka topics
-/// in the Confluent wire format. Positions are acknowledged to the database
-/// only after Kafka confirmed the events, so a crash loses nothing.
+/// in the Confluent wire format. Positions are saved only after Kafka
+/// confirmed the events, so a crash loses nothing.
 ///
 /// Secrets belong in the environment: config files may say ${VAR} or
 /// ${VAR:-default}.
@@ -49,14 +52,17 @@ enum Command {
         config: PathBuf,
     },
     /// Check a pipeline without writing anything: config and mapping
-    /// files, database settings and role, tables and columns named by the
-    /// mappings, schema compatibility with the registry, Kafka
-    /// connectivity. Exits 2 with the reasons when something is wrong.
+    /// files, database settings and role (PostgreSQL) or replica set
+    /// (MongoDB), tables and columns named by the mappings, schema
+    /// compatibility with the registry, Kafka connectivity. Exits 2 with
+    /// the reasons when something is wrong.
     Check {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Show a pipeline's replication slot and delivered position.
+    /// Show a pipeline's delivered position: for PostgreSQL its replication
+    /// slot, lag and retained WAL; for MongoDB its copy progress and
+    /// cluster time.
     Status {
         #[arg(long, short)]
         config: PathBuf,
@@ -196,12 +202,23 @@ fn backoff(attempt: u32) -> std::time::Duration {
 
 /// Keeps the last error in the pipeline's checkpoint, for `unilog status`.
 fn record_error(cfg: &LoadedConfig, error: &str) {
+    let stamped = format!(
+        "{}: {error}",
+        chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+    );
+    if cfg.postgres().is_none() {
+        let path = mongo_state_path(&cfg.state_dir(), &cfg.config.name);
+        if let Ok(Some(mut state)) = read_json::<MongoCheckpoint>(&path) {
+            state.last_error = Some(stamped);
+            if let Err(e) = write_json(&path, &state) {
+                tracing::warn!(error = %e, "cannot record the error in the state file");
+            }
+        }
+        return;
+    }
     let mut store = FileCheckpointStore::new(&cfg.state_dir(), &cfg.config.name);
     if let Ok(mut state) = store.load() {
-        state.last_error = Some(format!(
-            "{}: {error}",
-            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
-        ));
+        state.last_error = Some(stamped);
         if let Err(e) = store.commit(&state) {
             tracing::warn!(error = %e, "cannot record the error in the checkpoint");
         }
@@ -244,9 +261,12 @@ async fn check(config: PathBuf) -> ExitCode {
 
 async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
     let cfg = LoadedConfig::load(&config)?;
+    let Some(pg) = cfg.postgres() else {
+        return mongo_status(&cfg, json).await;
+    };
     let store = FileCheckpointStore::new(&cfg.state_dir(), &cfg.config.name);
     let state = store.load()?;
-    let client = connect_plain(&cfg.postgres().url).await?;
+    let client = connect_plain(&pg.url).await?;
     let slot = cfg.slot();
     let row = client
         .query_opt(
@@ -268,25 +288,7 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         ),
         None => (None, None, None, None, None),
     };
-    // Topics and the registry's latest schema version of each.
-    let reg = &cfg.config.schema_registry;
-    let registry = RegistryClient::new(&reg.url, reg.username.clone(), reg.password.clone())?;
-    let mut topics = Vec::new();
-    for p in &cfg.config.mappings {
-        let m = LoadedMapping::load(&cfg.resolve(p))?;
-        let subject = format!("{}-value", m.spec.topic);
-        let latest = match registry.latest(&subject).await {
-            Ok(Some(v)) => serde_json::json!({"version": v.version, "id": v.id}),
-            Ok(None) => serde_json::json!(null),
-            Err(e) => serde_json::json!({"error": e.to_string()}),
-        };
-        topics.push(serde_json::json!({
-            "table": m.qualified_table(),
-            "topic": m.spec.topic,
-            "subject": subject,
-            "schema": latest,
-        }));
-    }
+    let topics = topics(&cfg).await?;
     let snapshot_complete = state.snapshot_complete && state.slot == slot;
     if json {
         let v = serde_json::json!({
@@ -325,6 +327,79 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         ("snapshot complete", snapshot_complete.to_string()),
         ("last error", show(state.last_error.clone())),
     ];
+    print_status(&lines, &topics);
+    Ok(())
+}
+
+/// Topics and the registry's latest schema version of each.
+async fn topics(cfg: &LoadedConfig) -> anyhow::Result<Vec<serde_json::Value>> {
+    let reg = &cfg.config.schema_registry;
+    let registry = RegistryClient::new(&reg.url, reg.username.clone(), reg.password.clone())?;
+    let mut topics = Vec::new();
+    for p in &cfg.config.mappings {
+        let m = LoadedMapping::load(&cfg.resolve(p))?;
+        let subject = format!("{}-value", m.spec.topic);
+        let latest = match registry.latest(&subject).await {
+            Ok(Some(v)) => serde_json::json!({"version": v.version, "id": v.id}),
+            Ok(None) => serde_json::json!(null),
+            Err(e) => serde_json::json!({"error": e.to_string()}),
+        };
+        topics.push(serde_json::json!({
+            "table": m.qualified_table(),
+            "topic": m.spec.topic,
+            "subject": subject,
+            "schema": latest,
+        }));
+    }
+    Ok(topics)
+}
+
+/// A MongoDB pipeline's saved position and copy progress.
+async fn mongo_status(cfg: &LoadedConfig, json: bool) -> anyhow::Result<()> {
+    let path = mongo_state_path(&cfg.state_dir(), &cfg.config.name);
+    let state: MongoCheckpoint = read_json(&path)?.unwrap_or_default();
+    let topics = topics(cfg).await?;
+    let ts = |v: &Option<serde_json::Value>| v.as_ref().map(|t| format!("{}.{}", t["t"], t["i"]));
+    if json {
+        let v = serde_json::json!({
+            "pipeline": cfg.config.name,
+            "state_file": path,
+            "mode": state.mode,
+            "copy_complete": state.copy_complete,
+            "copied": state.copied,
+            "copy_started_at": ts(&state.copy_started_at),
+            "delivered_cluster_time": ts(&state.delivered_ts),
+            "has_resume_token": state.resume_token.is_some(),
+            "last_error": state.last_error,
+            "topics": topics,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let show = |o: Option<String>| o.unwrap_or_else(|| "-".into());
+    let lines = [
+        ("pipeline", cfg.config.name.clone()),
+        ("state", path.display().to_string()),
+        (
+            "mode",
+            show(Some(state.mode.clone()).filter(|m| !m.is_empty())),
+        ),
+        (
+            "copy",
+            if state.copy_complete {
+                "complete".to_string()
+            } else {
+                format!("{} collections done", state.copied.len())
+            },
+        ),
+        ("delivered", show(ts(&state.delivered_ts))),
+        ("last error", show(state.last_error.clone())),
+    ];
+    print_status(&lines, &topics);
+    Ok(())
+}
+
+fn print_status(lines: &[(&str, String)], topics: &[serde_json::Value]) {
     for (k, v) in lines {
         println!("{k:<19} {v}");
     }
@@ -333,7 +408,7 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         "{:<28} {:<32} SCHEMA (subject version / id)",
         "TABLE", "TOPIC"
     );
-    for t in &topics {
+    for t in topics {
         let schema = match &t["schema"] {
             serde_json::Value::Null => "not registered".to_string(),
             v if v.get("error").is_some() => format!(
@@ -348,5 +423,4 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
             t["topic"].as_str().unwrap_or_default()
         );
     }
-    Ok(())
 }

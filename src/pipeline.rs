@@ -6,7 +6,7 @@
 //! batches. Deliveries complete in order, and a batch's source position is
 //! acknowledged only after it and every batch before it are confirmed.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,13 +17,16 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, StreamExt};
 
 use crate::checkpoint::FileCheckpointStore;
-use crate::config::{BadRowPolicy, ConfigError, LoadedConfig};
-use crate::event::{ChangeEvent, Lsn, Op, Position, SeqKey, TableInfo};
+use crate::config::{
+    BadRowPolicy, ConfigError, LoadedConfig, MongoConfig, PostgresConfig, SourceChoice,
+};
+use crate::event::{ChangeEvent, Lsn, Op, SeqKey, SourceKind, TableInfo};
 use crate::mapping::registry::RegistryClient;
 use crate::mapping::spec::LoadedMapping;
 use crate::mapping::{dedup_id, DomainEvent, Mapper, MappingError};
 use crate::sinks::kafka::{ensure_progress_topic, ensure_topics, read_last, KafkaSink};
 use crate::sinks::{ProgressRecord, Sink, SinkError};
+use crate::sources::mongo_oplog::{cluster_time_text, MongoError, MongoSource};
 use crate::sources::pg_logical::{connect_plain, PgError, PgSettings, PgSource};
 use crate::sources::Source;
 use crate::telemetry::{health, metrics, names, LatencyHistogram, Phase};
@@ -38,6 +41,8 @@ pub enum PipelineError {
     #[error(transparent)]
     Source(#[from] PgError),
     #[error(transparent)]
+    Mongo(#[from] MongoError),
+    #[error(transparent)]
     Sink(#[from] SinkError),
     #[error("{}", problems_text(.0))]
     Many(Vec<String>),
@@ -50,6 +55,7 @@ impl PipelineError {
     pub fn is_transient(&self) -> bool {
         match self {
             PipelineError::Source(e) => e.is_transient(),
+            PipelineError::Mongo(e) => e.is_transient(),
             PipelineError::Sink(e) => e.is_transient(),
             PipelineError::Mapping(e) => e.is_transient(),
             PipelineError::Config(_) | PipelineError::Many(_) => false,
@@ -83,7 +89,8 @@ pub struct RunStats {
     pub snapshot_rows: u64,
     pub events_read: u64,
     pub events_published: u64,
-    pub last_acked: Option<Position>,
+    /// The last acknowledged source position, as text.
+    pub last_acked: Option<String>,
     /// Changes sent to the dead-letter topic.
     pub dead_lettered: u64,
     /// Commit-to-Kafka-acknowledgement latency of streamed changes.
@@ -140,8 +147,8 @@ impl ExactlyOnce {
 }
 
 /// What is known of a batch handed to the sink.
-struct BatchInfo {
-    position: Option<Position>,
+struct BatchInfo<P> {
+    position: Option<P>,
     /// Commit time of each published record (streamed changes only).
     commit_times: Vec<i64>,
     handed_over: Instant,
@@ -150,15 +157,15 @@ struct BatchInfo {
 }
 
 /// A batch's delivery: resolves to what is known of the batch.
-type Pending = Pin<Box<dyn Future<Output = Result<BatchInfo, SinkError>> + Send>>;
+type Pending<P> = Pin<Box<dyn Future<Output = Result<BatchInfo<P>, SinkError>> + Send>>;
 
 /// Maps and hands batches to the sink, keeping deliveries in order.
-struct Publisher<'a, K: Sink> {
+struct Publisher<'a, K: Sink, P> {
     pipeline: String,
     sink: &'a K,
     registry: &'a RegistryClient,
     mapper: &'a mut Mapper,
-    inflight: FuturesOrdered<Pending>,
+    inflight: FuturesOrdered<Pending<P>>,
     /// Oldest commit time of each in-flight batch, in order.
     inflight_oldest: VecDeque<Option<i64>>,
     max_in_flight: usize,
@@ -169,7 +176,7 @@ struct Publisher<'a, K: Sink> {
     stats: RunStats,
 }
 
-impl<K: Sink> Publisher<'_, K> {
+impl<K: Sink, P: std::fmt::Display + Send + 'static> Publisher<'_, K, P> {
     /// Maps one change; a poison row becomes a dead letter when allowed.
     fn map_one(
         &mut self,
@@ -191,15 +198,22 @@ impl<K: Sink> Publisher<'_, K> {
                     1.0,
                 );
                 self.stats.dead_lettered += 1;
-                let body = serde_json::json!({
+                let mut body = serde_json::json!({
                     "pipeline": self.pipeline,
                     "table": table,
                     "op": ev.op.as_str(),
                     "dedup_id": id,
-                    "lsn": ev.meta.lsn.to_string(),
-                    "xid": ev.meta.xid,
                     "error": e.to_string(),
                 });
+                match ev.table.kind {
+                    SourceKind::Postgres => {
+                        body["lsn"] = ev.meta.lsn.to_string().into();
+                        body["xid"] = ev.meta.xid.into();
+                    }
+                    SourceKind::Mongo => {
+                        body["cluster_time"] = cluster_time_text(ev.meta.lsn.0).into();
+                    }
+                }
                 out.push(DomainEvent {
                     topic,
                     key: Some(table.into_bytes()),
@@ -219,8 +233,8 @@ impl<K: Sink> Publisher<'_, K> {
     async fn publish(
         &mut self,
         events: Vec<ChangeEvent>,
-        position: Option<Position>,
-    ) -> Result<Vec<Position>, PipelineError> {
+        position: Option<P>,
+    ) -> Result<Vec<P>, PipelineError> {
         let events = match &self.exactly_once {
             Some(eo) => {
                 let before = events.len();
@@ -328,16 +342,16 @@ impl<K: Sink> Publisher<'_, K> {
         &mut self,
         out: Vec<DomainEvent>,
         last: Option<SeqKey>,
-        info: BatchInfo,
-    ) -> Result<Vec<Position>, PipelineError> {
-        let position = info.position;
+        info: BatchInfo<P>,
+    ) -> Result<Vec<P>, PipelineError> {
         let Some(eo) = self.exactly_once.as_mut() else {
             return Ok(Vec::new());
         };
         if out.is_empty() {
             // Nothing to publish: the position is delivered already.
-            return Ok(position.into_iter().collect());
+            return Ok(info.position.into_iter().collect());
         }
+        let position = info.position.as_ref().map(ToString::to_string);
         let mut record = None;
         if last.is_some() || position.is_some() {
             if let Some(seq) = last {
@@ -345,7 +359,7 @@ impl<K: Sink> Publisher<'_, K> {
                 eo.committed.last_ordinal = Some(seq.ordinal);
             }
             if let Some(p) = position {
-                eo.committed.position = Some(p.0.to_string());
+                eo.committed.position = Some(p);
             }
             record = Some(ProgressRecord {
                 topic: eo.topic.clone(),
@@ -358,7 +372,7 @@ impl<K: Sink> Publisher<'_, K> {
     }
 
     /// Positions of deliveries that already finished, without waiting.
-    fn completed(&mut self) -> Result<Vec<Position>, PipelineError> {
+    fn completed(&mut self) -> Result<Vec<P>, PipelineError> {
         let mut done = Vec::new();
         while let Some(Some(res)) = self.inflight.next().now_or_never() {
             done.extend(self.delivered(res?));
@@ -367,7 +381,7 @@ impl<K: Sink> Publisher<'_, K> {
     }
 
     /// Waits for every delivery; returns their positions in order.
-    async fn drain(&mut self) -> Result<Vec<Position>, PipelineError> {
+    async fn drain(&mut self) -> Result<Vec<P>, PipelineError> {
         let mut done = Vec::new();
         while let Some(res) = self.inflight.next().await {
             done.extend(self.delivered(res?));
@@ -376,7 +390,7 @@ impl<K: Sink> Publisher<'_, K> {
     }
 
     /// Records metrics of a confirmed batch; returns its position.
-    fn delivered(&mut self, info: BatchInfo) -> Option<Position> {
+    fn delivered(&mut self, info: BatchInfo<P>) -> Option<P> {
         self.inflight_oldest.pop_front();
         let p = [("pipeline", self.pipeline.as_str())];
         metrics().observe_many(
@@ -418,8 +432,8 @@ impl<K: Sink> Publisher<'_, K> {
     }
 }
 
-/// Everything a pipeline needs, prepared and checked.
-struct Prepared {
+/// A Postgres pipeline, prepared and checked.
+struct PgPrepared {
     source: PgSource,
     mapper: Mapper,
     tables: Vec<Arc<TableInfo>>,
@@ -442,8 +456,7 @@ fn load_mappings(cfg: &LoadedConfig) -> Result<Vec<LoadedMapping>, PipelineError
     }
 }
 
-fn settings(cfg: &LoadedConfig) -> PgSettings {
-    let pg = cfg.postgres();
+fn settings(cfg: &LoadedConfig, pg: &PostgresConfig) -> PgSettings {
     PgSettings {
         url: pg.url.clone(),
         slot: cfg.slot(),
@@ -454,33 +467,17 @@ fn settings(cfg: &LoadedConfig) -> PgSettings {
     }
 }
 
-async fn prepare(
+/// Compiles the mappings against the tables, then checks (and unless
+/// `dry_run` registers) their schemas with the registry.
+async fn map_and_register(
     cfg: &LoadedConfig,
+    mappings: &[LoadedMapping],
+    tables: &HashMap<String, Arc<TableInfo>>,
     dry_run: bool,
     report: &mut Vec<String>,
-) -> Result<Prepared, PipelineError> {
-    let mappings = load_mappings(cfg)?;
-    report.push(format!(
-        "config {}: ok ({} mapping files)",
-        cfg.path.display(),
-        mappings.len()
-    ));
-    let store = FileCheckpointStore::new(&cfg.state_dir(), &cfg.config.name);
-    let mut source = PgSource::connect(settings(cfg), store).await?;
-    report.push(format!(
-        "postgres: connected to database {} (wal_level=logical, role may replicate)",
-        source.database()
-    ));
-    let names: Vec<String> = mappings
-        .iter()
-        .map(LoadedMapping::qualified_table)
-        .collect();
-    let tables = source.load_tables(&names).await?;
-    let mut mapper = Mapper::new(&mappings, &tables)?;
-    report.push(format!(
-        "mappings: ok for tables {}",
-        mapper.tables().join(", ")
-    ));
+) -> Result<(Mapper, RegistryClient), PipelineError> {
+    let mut mapper = Mapper::new(mappings, tables)?;
+    report.push(format!("mappings: ok for {}", mapper.tables().join(", ")));
     let reg = &cfg.config.schema_registry;
     let registry = RegistryClient::new(&reg.url, reg.username.clone(), reg.password.clone())
         .map_err(|source| MappingError::Registry {
@@ -495,6 +492,28 @@ async fn prepare(
             ),
         });
     }
+    Ok((mapper, registry))
+}
+
+async fn prepare_pg(
+    cfg: &LoadedConfig,
+    pg: &PostgresConfig,
+    mappings: &[LoadedMapping],
+    dry_run: bool,
+    report: &mut Vec<String>,
+) -> Result<PgPrepared, PipelineError> {
+    let store = FileCheckpointStore::new(&cfg.state_dir(), &cfg.config.name);
+    let mut source = PgSource::connect(settings(cfg, pg), store).await?;
+    report.push(format!(
+        "postgres: connected to database {} (wal_level=logical, role may replicate)",
+        source.database()
+    ));
+    let names: Vec<String> = mappings
+        .iter()
+        .map(LoadedMapping::qualified_table)
+        .collect();
+    let tables = source.load_tables(&names).await?;
+    let (mapper, registry) = map_and_register(cfg, mappings, &tables, dry_run, report).await?;
     let changes = source.ensure_publication(&mapper.tables(), dry_run).await?;
     for c in changes {
         report.push(format!(
@@ -507,7 +526,7 @@ async fn prepare(
         .iter()
         .filter_map(|t| tables.get(t).cloned())
         .collect();
-    Ok(Prepared {
+    Ok(PgPrepared {
         source,
         mapper,
         tables: ordered,
@@ -515,35 +534,60 @@ async fn prepare(
     })
 }
 
+async fn prepare_mongo(
+    cfg: &LoadedConfig,
+    mongo: &MongoConfig,
+    mappings: &[LoadedMapping],
+    dry_run: bool,
+    report: &mut Vec<String>,
+) -> Result<(MongoSource, Mapper, RegistryClient), PipelineError> {
+    let tables = crate::sources::mongo_oplog::declared_collections(mappings)?;
+    let (mapper, registry) = map_and_register(cfg, mappings, &tables, dry_run, report).await?;
+    let collections: Vec<Arc<TableInfo>> = mapper
+        .tables()
+        .iter()
+        .filter_map(|t| tables.get(t).cloned())
+        .collect();
+    let source =
+        MongoSource::connect(mongo, &cfg.config.name, &cfg.state_dir(), collections).await?;
+    report.push(format!("mongodb: {}", source.describe()));
+    Ok((source, mapper, registry))
+}
+
 /// Validates config, mappings, connectivity and schema compatibility
 /// without writing anything. Returns what was checked.
 pub async fn check(cfg: &LoadedConfig) -> Result<Vec<String>, PipelineError> {
     let mut report = Vec::new();
-    let prepared = prepare(cfg, true, &mut report).await?;
+    let mappings = load_mappings(cfg)?;
+    report.push(format!(
+        "config {}: ok ({} mapping files)",
+        cfg.path.display(),
+        mappings.len()
+    ));
+    let topics = match cfg.source() {
+        SourceChoice::Postgres(pg) => prepare_pg(cfg, pg, &mappings, true, &mut report)
+            .await?
+            .mapper
+            .topics(),
+        SourceChoice::Mongo(m) => {
+            let (mut source, mapper, _) =
+                prepare_mongo(cfg, m, &mappings, true, &mut report).await?;
+            source.shutdown().await?;
+            mapper.topics()
+        }
+    };
     let sink = KafkaSink::new(&cfg.config.kafka.brokers, &cfg.config.kafka.properties)?;
     sink.check_connection(Duration::from_secs(10)).await?;
     report.push(format!(
         "kafka: brokers {} reachable; topics {}",
         cfg.config.kafka.brokers,
-        prepared.mapper.topics().join(", ")
+        topics.join(", ")
     ));
     Ok(report)
 }
 
-/// Runs the pipeline until `stop` is set, then drains and acknowledges.
-pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, PipelineError> {
-    let name = cfg.config.name.clone();
-    health().set_phase(&name, Phase::Starting);
-    let mut report = Vec::new();
-    let Prepared {
-        mut source,
-        mut mapper,
-        tables,
-        registry,
-    } = prepare(cfg, false, &mut report).await?;
-    for line in &report {
-        tracing::info!("{line}");
-    }
+/// Connects the Kafka sink and creates the topics events go to.
+async fn open_sink(cfg: &LoadedConfig, mapper: &Mapper) -> Result<KafkaSink, PipelineError> {
     let kafka = &cfg.config.kafka;
     let sink = KafkaSink::new(&kafka.brokers, &kafka.properties)?;
     sink.check_connection(Duration::from_secs(10)).await?;
@@ -555,8 +599,8 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
             kafka.replication_factor,
         )
         .await?;
-        KafkaSink::transactional(&kafka.brokers, &kafka.properties, &format!("unilog-{name}"))
-            .await?
+        let id = format!("unilog-{}", cfg.config.name);
+        KafkaSink::transactional(&kafka.brokers, &kafka.properties, &id).await?
     } else {
         sink
     };
@@ -572,25 +616,85 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         kafka.replication_factor,
     )
     .await?;
+    Ok(sink)
+}
 
-    let batch = cfg.config.batch.clone();
-    let mut publisher = Publisher {
-        pipeline: name.clone(),
-        sink: &sink,
-        registry: &registry,
-        mapper: &mut mapper,
+fn publisher<'a, K: Sink, P>(
+    cfg: &LoadedConfig,
+    sink: &'a K,
+    registry: &'a RegistryClient,
+    mapper: &'a mut Mapper,
+) -> Publisher<'a, K, P> {
+    Publisher {
+        pipeline: cfg.config.name.clone(),
+        sink,
+        registry,
+        mapper,
         inflight: FuturesOrdered::new(),
         inflight_oldest: VecDeque::new(),
-        max_in_flight: batch.max_in_flight,
+        max_in_flight: cfg.config.batch.max_in_flight,
         dead_letter: (cfg.config.on_bad_row == BadRowPolicy::DeadLetter)
             .then(|| Arc::from(cfg.dead_letter_topic().as_str())),
-        exactly_once: kafka.exactly_once.then(|| ExactlyOnce {
+        exactly_once: cfg.config.kafka.exactly_once.then(|| ExactlyOnce {
             topic: cfg.progress_topic(),
-            key: name.clone().into_bytes(),
+            key: cfg.config.name.clone().into_bytes(),
             committed: Progress::default(),
         }),
         stats: RunStats::default(),
-    };
+    }
+}
+
+/// Runs the pipeline until `stop` is set, then drains and acknowledges.
+pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, PipelineError> {
+    let name = cfg.config.name.clone();
+    health().set_phase(&name, Phase::Starting);
+    let mut report = Vec::new();
+    let mappings = load_mappings(cfg)?;
+    report.push(format!(
+        "config {}: ok ({} mapping files)",
+        cfg.path.display(),
+        mappings.len()
+    ));
+    match cfg.source() {
+        SourceChoice::Postgres(pg) => run_pg(cfg, pg, &mappings, report, &stop).await,
+        SourceChoice::Mongo(m) => {
+            let (mut source, mut mapper, registry) =
+                prepare_mongo(cfg, m, &mappings, false, &mut report).await?;
+            for line in &report {
+                tracing::info!("{line}");
+            }
+            let sink = open_sink(cfg, &mapper).await?;
+            let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
+            health().set_phase(&name, Phase::Snapshot);
+            let monitor = tokio::spawn(source.headroom_monitor());
+            let r = stream(&mut source, &mut publisher, &stop, cfg).await;
+            monitor.abort();
+            r?;
+            Ok(publisher.stats)
+        }
+    }
+}
+
+async fn run_pg(
+    cfg: &LoadedConfig,
+    pg: &PostgresConfig,
+    mappings: &[LoadedMapping],
+    mut report: Vec<String>,
+    stop: &AtomicBool,
+) -> Result<RunStats, PipelineError> {
+    let name = cfg.config.name.clone();
+    let PgPrepared {
+        mut source,
+        mut mapper,
+        tables,
+        registry,
+    } = prepare_pg(cfg, pg, mappings, false, &mut report).await?;
+    for line in &report {
+        tracing::info!("{line}");
+    }
+    let sink = open_sink(cfg, &mapper).await?;
+    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
+    let batch = &cfg.config.batch;
 
     if let Some(mut snap) = source.open(&tables).await? {
         health().set_phase(&name, Phase::Snapshot);
@@ -622,16 +726,33 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
     }
     source.start_streaming().await?;
     health().set_phase(&name, Phase::Streaming);
-    let monitor = tokio::spawn(slot_monitor(
-        cfg.postgres().url.clone(),
-        cfg.slot(),
-        name.clone(),
-    ));
+    let monitor = tokio::spawn(slot_monitor(pg.url.clone(), cfg.slot(), name.clone()));
+    let r = stream(&mut source, &mut publisher, stop, cfg).await;
+    monitor.abort();
+    r?;
+    Ok(publisher.stats)
+}
 
+/// The streaming loop shared by every source: read a batch, publish it,
+/// acknowledge what Kafka confirmed; on stop (or error), drain and
+/// acknowledge what was delivered, then close the source.
+async fn stream<S, K>(
+    source: &mut S,
+    publisher: &mut Publisher<'_, K, S::Position>,
+    stop: &AtomicBool,
+    cfg: &LoadedConfig,
+) -> Result<(), PipelineError>
+where
+    S: Source,
+    K: Sink,
+    PipelineError: From<S::Error>,
+{
+    let name = cfg.config.name.as_str();
+    let batch = &cfg.config.batch;
     let max_wait = Duration::from_millis(batch.max_wait_ms);
     let mut last_log = Instant::now();
     let mut logged_events = 0u64;
-    let labels = [("pipeline", name.as_str())];
+    let labels = [("pipeline", name)];
     let result: Result<(), PipelineError> = async {
         while !stop.load(Ordering::Relaxed) {
             let b = source.next_batch(batch.max_events, max_wait).await?;
@@ -641,9 +762,13 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
             } else {
                 publisher.publish(b.events, b.position).await?
             };
+            // Every position, in order: a source may need each (MongoDB's
+            // copy positions say which collection is done).
+            for p in &acks {
+                source.ack(p.clone())?;
+            }
             if let Some(last) = acks.last() {
-                source.ack(*last)?;
-                publisher.stats.last_acked = Some(*last);
+                publisher.stats.last_acked = Some(last.to_string());
                 health().progressed();
                 #[allow(clippy::cast_precision_loss)]
                 metrics().set(
@@ -654,7 +779,9 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
             }
             health().pending(!publisher.inflight.is_empty());
             #[allow(clippy::cast_precision_loss)]
-            metrics().set(names::SOURCE_LAG_BYTES, &labels, source.lag_bytes() as f64);
+            if let Some(lag) = source.lag_bytes() {
+                metrics().set(names::SOURCE_LAG_BYTES, &labels, lag as f64);
+            }
             metrics().set(names::SOURCE_LAG_SECONDS, &labels, publisher.lag_seconds());
             if last_log.elapsed() >= Duration::from_secs(10) {
                 let n = publisher.stats.events_published - logged_events;
@@ -673,19 +800,20 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         Ok(())
     }
     .await;
-    monitor.abort();
     // Whatever happened, acknowledge what was delivered.
     let drained = publisher.drain().await;
     if let Ok(acks) = &drained {
+        for p in acks {
+            source.ack(p.clone())?;
+        }
         if let Some(last) = acks.last() {
-            source.ack(*last)?;
-            publisher.stats.last_acked = Some(*last);
+            publisher.stats.last_acked = Some(last.to_string());
         }
     }
     source.shutdown().await?;
     result?;
     drained?;
-    health().set_phase(&name, Phase::Stopped);
+    health().set_phase(name, Phase::Stopped);
     let lat = &publisher.stats.latency;
     tracing::info!(
         published = publisher.stats.events_published,
@@ -695,7 +823,7 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
         skipped_committed = publisher.stats.skipped_committed,
         "stopped cleanly"
     );
-    Ok(publisher.stats)
+    Ok(())
 }
 
 /// What the progress topic says this life of the slot committed last.

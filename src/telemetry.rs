@@ -143,6 +143,10 @@ pub mod names {
     pub const KAFKA_PRODUCE_RETRIES: &str = "unilog_kafka_produce_retries_total";
     /// WAL the server keeps for this pipeline's slot (restart_lsn to current).
     pub const SLOT_RETAINED_WAL_BYTES: &str = "unilog_slot_retained_wal_bytes";
+    /// MongoDB: seconds of oplog behind the delivered position (oldest
+    /// entry to position): how long the pipeline may stop before it loses
+    /// its place.
+    pub const MONGO_OPLOG_HEADROOM_SECONDS: &str = "unilog_mongo_oplog_headroom_seconds";
     /// Unix time of the last acknowledgement or idle check.
     pub const LAST_PROGRESS: &str = "unilog_last_progress_timestamp_seconds";
     /// 1 for the pipeline's current phase (starting, snapshot, streaming, stopped, failed).

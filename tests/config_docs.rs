@@ -36,8 +36,8 @@ use serde_reflection::{
 };
 
 use support::docs::{by_section, materialize, read_doc, yaml_blocks, BlockKind};
-use unilog::config::{LoadedConfig, PipelineConfig};
-use unilog::mapping::spec::{ColumnDetail, LoadedMapping, MappingSpec};
+use unilog::config::{LoadedConfig, MongoConfig, PipelineConfig, PostgresConfig};
+use unilog::mapping::spec::{BsonType, ColumnDetail, FieldDetail, LoadedMapping, MappingSpec};
 
 const CONFIG_DOC: &str = "docs/CONFIG.md";
 const COOKBOOK_DOC: &str = "docs/MAPPING-COOKBOOK.md";
@@ -226,6 +226,26 @@ fn hand_traced(path: &str, keys: &mut Keys) {
             let registry = trace::<ColumnDetail>("ColumnDetail");
             walk_container(&registry, "ColumnDetail", path, keys);
         }
+        // `FieldDecl`, untagged: `field: string` or `{ type, required, fields, items }`.
+        // `FieldDetail` holds `FieldDecl` again (`fields`, `items`), which the
+        // tracer cannot get through: its keys are listed here, and its type
+        // names traced.
+        "fields.<field>" => {
+            let types = trace::<BsonType>("BsonType");
+            let ty = format!("{path}.type");
+            keys.entry(ty.clone()).or_default();
+            walk_container(&types, "BsonType", &ty, keys);
+            for k in ["required", "fields", "items"] {
+                keys.entry(format!("{path}.{k}")).or_default();
+            }
+            // The list above must match the struct: an example with every key parses.
+            let all: FieldDetail =
+                serde_yaml::from_str("{type: array, required: true, fields: {a: int}, items: int}")
+                    .expect("FieldDetail's keys changed: update hand_traced");
+            assert!(all.required);
+        }
+        // The same declaration again, one level down: documented once.
+        "fields.<field>.fields.<field>" | "fields.<field>.items" => {}
         _ => panic!(
             "serde-reflection cannot see the type at `{path}` (an untagged enum, or a type that \
              deserializes with deserialize_any); describe it by hand in hand_traced of tests/config_docs.rs"
@@ -234,7 +254,27 @@ fn hand_traced(path: &str, keys: &mut Keys) {
 }
 
 fn pipeline_keys() -> Keys {
-    keys_of(&trace::<PipelineConfig>("PipelineConfig"), "PipelineConfig")
+    let mut keys = keys_of(&trace::<PipelineConfig>("PipelineConfig"), "PipelineConfig");
+    // Each source is traced on its own too: behind `Option`, the tracer
+    // records only the first variant of the enums inside.
+    let sources = [
+        (
+            "source.postgres",
+            trace::<PostgresConfig>("PostgresConfig"),
+            "PostgresConfig",
+        ),
+        (
+            "source.mongo",
+            trace::<MongoConfig>("MongoConfig"),
+            "MongoConfig",
+        ),
+    ];
+    for (prefix, registry, root) in sources {
+        let mut sub = Keys::new();
+        walk_container(&registry, root, prefix, &mut sub);
+        keys.extend(sub);
+    }
+    keys
 }
 
 fn mapping_keys() -> Keys {
@@ -446,7 +486,7 @@ fn documented_defaults_are_the_code_defaults() {
     .unwrap();
     let c = LoadedConfig::load(&p).unwrap();
     assert_eq!(c.config.state_dir, std::path::Path::new(".unilog/state"));
-    assert!(c.postgres().manage_publication);
+    assert!(c.postgres().unwrap().manage_publication);
     assert_no_problems(&problems);
 }
 

@@ -28,6 +28,7 @@ const CHECKED: &[&str] = &[
     "config/demo.yaml",
     "config/examples/minimal/pipeline.yaml",
     "config/examples/crm/pipeline.yaml",
+    "config/examples/mongo/pipeline.yaml",
 ];
 
 /// Examples whose Kafka security settings cannot work against the local
@@ -67,8 +68,20 @@ async fn demo_tables(db: &TestDb) -> HashMap<String, Arc<TableInfo>> {
     tables
 }
 
+/// Compiles mappings: MongoDB ones (with `fields:`) against their declared
+/// fields, the others against the demo tables.
 fn compile(origin: &str, mappings: &[LoadedMapping], tables: &HashMap<String, Arc<TableInfo>>) {
-    if let Err(e) = Mapper::new(mappings, tables) {
+    let mut tables = tables.clone();
+    let mongo: Vec<LoadedMapping> = mappings
+        .iter()
+        .filter(|m| m.spec.fields.is_some())
+        .cloned()
+        .collect();
+    match unilog::sources::mongo_oplog::declared_collections(&mongo) {
+        Ok(declared) => tables.extend(declared),
+        Err(e) => panic!("{origin}: {e}"),
+    }
+    if let Err(e) = Mapper::new(mappings, &tables) {
         panic!("{origin}: does not compile against the demo tables: {e}");
     }
 }
@@ -85,6 +98,7 @@ async fn example_pipelines_pass_unilog_check() {
             .env("PG_URL", &db.url)
             .env("KAFKA_BROKERS", &stack.brokers)
             .env("SCHEMA_REGISTRY_URL", &stack.registry)
+            .env("MONGO_URL", need("MONGO_URL"))
             .env_remove("KAFKA_REPLICATION_FACTOR")
             .env_remove("UNILOG_HTTP_LISTEN")
             .output()

@@ -399,6 +399,7 @@ source:
 kafka:
   brokers: {json.dumps(self.brokers)}
   partitions: {a.partitions}
+  exactly_once: {"true" if a.exactly_once else "false"}
 schema_registry:
   url: {json.dumps(self.registry)}
 mappings: [items.yaml]
@@ -522,6 +523,7 @@ state_dir: state
         unexpected = [r for r in self.runs if r.get("how") == "exited"]
         result.update({
             "seed": self.seed,
+            "exactly_once": self.args.exactly_once,
             "build": os.environ.get("UNILOG_BUILD", "?"),
             "changes": changes,
             "transactions": len(txns),
@@ -688,6 +690,9 @@ state_dir: state
         fold_problems, folded, ops = self.fold(records, table)
         problems += fold_problems
         dups = len(records) - no_id - distinct
+        if self.args.exactly_once and dups:
+            problems.append(f"{dups} duplicates although kafka.exactly_once is on "
+                            f"(a read_committed consumer must see each dedup id once)")
         return {"problems": problems, "records": len(records), "distinct_ids": distinct,
                 "expected_ids": expected, "lost": lost_n, "lost_detail": lost[:100],
                 "duplicates": dups, "duplicates_pct": 100.0 * dups / max(1, distinct),
@@ -778,6 +783,13 @@ state_dir: state
                     self.warnings.append(f"deleting topic {self.topic}: {(r.stderr or r.stdout).strip()[:200]}")
             except (OSError, subprocess.TimeoutExpired) as e:
                 problems.append(f"deleting topic {self.topic}: {e}")
+            if self.args.exactly_once:
+                progress = f"unilog.{self.name}.progress"
+                try:
+                    subprocess.run([tansu, "topic", "delete", "--broker", f"tcp://{self.brokers.split(',')[0]}",
+                                    progress], capture_output=True, text=True, timeout=30)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    self.warnings.append(f"deleting topic {progress}: {e}")
         elif self.unilog_runs:
             self.warnings.append(f"topic {self.topic} left on {self.brokers} (not the local Tansu)")
         if self.unilog_runs:
@@ -817,6 +829,7 @@ def report(r):
     rows = [
         ("result", "PASS" if r["pass"] else "FAIL"),
         ("seed / build", f"{r['seed']} / {r['build']}"),
+        ("delivery", "exactly once (kafka.exactly_once: true)" if r.get("exactly_once") else "at least once"),
         ("committed row changes", f"{r['changes']:,} in {r['transactions']:,} transactions "
                                   f"(+ {r['snapshot_rows']:,} snapshot rows)"),
         ("SIGKILLs", f"{r['kills']} ({r['kills_during_load']} while the load ran, "
@@ -857,6 +870,8 @@ def main():
     ap.add_argument("--restart-estimate", type=float, default=1.0,
                     help="seconds per restart added to the load's duration (1)")
     ap.add_argument("--partitions", type=int, default=3, help="partitions of the topic (3)")
+    ap.add_argument("--exactly-once", action="store_true",
+                    help="run unilog with kafka.exactly_once: true and fail on any duplicate")
     ap.add_argument("--timeout", type=float, default=600, help="limit of each wait, s (600)")
     ap.add_argument("--max-seconds", type=float, default=3600, help="limit of the whole run, s (3600)")
     ap.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")

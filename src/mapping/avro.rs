@@ -33,6 +33,11 @@ pub enum AvroType {
     Json,
     /// Items are nullable.
     Array(Box<AvroType>),
+    /// A nested record (a MongoDB sub-document); its fields are nullable.
+    Record {
+        name: String,
+        fields: Vec<(String, AvroType)>,
+    },
 }
 
 /// Largest decimal precision published as Avro `decimal` (fits an i128).
@@ -42,6 +47,13 @@ impl AvroType {
     /// The published type of a database column type; `Err` names what is
     /// not supported.
     pub fn for_column(ty: &ColumnType) -> Result<AvroType, String> {
+        Self::for_column_named(ty, "Nested")
+    }
+
+    /// Like [`AvroType::for_column`]; nested records are named `name`,
+    /// then `name` + the PascalCase field name below it, so every record
+    /// name in one schema is distinct.
+    pub fn for_column_named(ty: &ColumnType, name: &str) -> Result<AvroType, String> {
         Ok(match ty {
             ColumnType::Bool => AvroType::Boolean,
             ColumnType::Int16 | ColumnType::Int32 => AvroType::Int,
@@ -53,6 +65,7 @@ impl AvroType {
                 scale: *s,
             },
             ColumnType::Numeric(_)
+            | ColumnType::ObjectId
             | ColumnType::Text
             | ColumnType::TextLike
             | ColumnType::Enum(_) => AvroType::String,
@@ -67,8 +80,21 @@ impl AvroType {
                 if matches!(**inner, ColumnType::Array(_)) {
                     return Err("nested array types are not supported".into());
                 }
-                AvroType::Array(Box::new(AvroType::for_column(inner)?))
+                AvroType::Array(Box::new(AvroType::for_column_named(inner, name)?))
             }
+            ColumnType::Record(fields) => AvroType::Record {
+                name: name.to_string(),
+                fields: fields
+                    .iter()
+                    .map(|f| {
+                        let sub = format!("{name}{}", super::pascal_case(&f.name));
+                        Ok((
+                            super::sanitize_name(&f.name),
+                            AvroType::for_column_named(&f.ty, &sub)?,
+                        ))
+                    })
+                    .collect::<Result<_, String>>()?,
+            },
             ColumnType::Unsupported(name) => {
                 return Err(format!("type `{name}` is not supported"));
             }
@@ -97,6 +123,14 @@ impl AvroType {
             }
             AvroType::Uuid => json!({"type": "string", "logicalType": "uuid"}),
             AvroType::Array(inner) => json!({"type": "array", "items": ["null", inner.schema()]}),
+            AvroType::Record { name, fields } => json!({
+                "type": "record",
+                "name": name,
+                "fields": fields
+                    .iter()
+                    .map(|(n, t)| json!({"name": n, "type": ["null", t.schema()], "default": null}))
+                    .collect::<Vec<_>>(),
+            }),
         }
     }
 }
@@ -134,6 +168,7 @@ fn short(v: &Value) -> String {
         Value::Uuid(_) => "a uuid",
         Value::Json(_) => "a json",
         Value::Array(_) => "an array",
+        Value::Record(_) => "a document",
         Value::Unchanged => "an unchanged TOAST value",
         Value::Invalid(_) => "an unreadable value",
     };
@@ -223,6 +258,14 @@ pub fn write_value(buf: &mut Vec<u8>, ty: &AvroType, v: &Value) -> Result<(), En
             }
             buf.push(0);
         }
+        (AvroType::Record { fields, .. }, Value::Record(values)) => {
+            if values.len() != fields.len() {
+                return Err(mismatch(ty, v));
+            }
+            for ((_, t), item) in fields.iter().zip(values) {
+                write_nullable(buf, t, item)?;
+            }
+        }
         _ => return Err(mismatch(ty, v)),
     }
     Ok(())
@@ -270,7 +313,7 @@ pub fn render_text(v: &Value) -> Option<String> {
                 .format("%H:%M:%S%.f")
                 .to_string()
         }
-        Value::Array(items) => {
+        Value::Array(items) | Value::Record(items) => {
             let parts: Vec<Json> = items
                 .iter()
                 .map(|i| render_text(i).map_or(Json::Null, Json::String))

@@ -180,9 +180,11 @@ impl DzType {
                 scale: *s,
             },
             ColumnType::Numeric(None) => DzType::VariableScaleDecimal,
-            ColumnType::Text | ColumnType::TextLike | ColumnType::Unsupported(_) => {
-                DzType::Avro(AvroType::String)
-            }
+            ColumnType::Text
+            | ColumnType::TextLike
+            | ColumnType::ObjectId
+            | ColumnType::Record(_)
+            | ColumnType::Unsupported(_) => DzType::Avro(AvroType::String),
             ColumnType::Enum(labels) => DzType::Enum(labels.join(",")),
             ColumnType::Bytes => DzType::Avro(AvroType::Bytes),
             ColumnType::LocalTimestamp => DzType::MicroTimestamp,
@@ -276,9 +278,9 @@ impl DzType {
             }
             DzType::Avro(AvroType::Array(_)) | DzType::Array(_) => Value::Array(Vec::new()),
             DzType::Avro(AvroType::Int | AvroType::Long) | DzType::Int16 => Value::Int(0),
-            DzType::Avro(AvroType::String | AvroType::Json) | DzType::Json | DzType::Enum(_) => {
-                Value::Text(String::new())
-            }
+            DzType::Avro(AvroType::String | AvroType::Json | AvroType::Record { .. })
+            | DzType::Json
+            | DzType::Enum(_) => Value::Text(String::new()),
         }
     }
 
@@ -294,7 +296,9 @@ impl DzType {
             DzType::Avro(AvroType::Uuid) | DzType::Uuid => {
                 json!("00000000-0000-0000-0000-000000000000")
             }
-            DzType::Avro(AvroType::Bytes | AvroType::String | AvroType::Json)
+            DzType::Avro(
+                AvroType::Bytes | AvroType::String | AvroType::Json | AvroType::Record { .. },
+            )
             | DzType::Json
             | DzType::Enum(_) => json!(""),
             DzType::Avro(

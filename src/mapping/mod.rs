@@ -27,7 +27,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use crate::config::ConfigError;
-use crate::event::{ChangeEvent, Op, TableInfo, Value};
+use crate::event::{ChangeEvent, Op, SourceKind, TableInfo, Value};
 use avro::{render_text, write_bytes, write_long, write_nullable, AvroType, EncodeError};
 use registry::{RegistryClient, RegistryError};
 use spec::{sanitize_name, LoadedMapping, TypeOverride};
@@ -106,6 +106,9 @@ impl MappingError {
 /// The id that is the same whenever the same change is delivered again:
 /// `pg/<database>/<commit LSN>/<ordinal>` (`s<ordinal>` for snapshot rows).
 pub fn dedup_id(ev: &ChangeEvent) -> String {
+    if let Some(id) = &ev.id {
+        return format!("mongo/{}/{id}", ev.table.database);
+    }
     match ev.op {
         Op::Snapshot => format!(
             "pg/{}/{}/s{}",
@@ -442,7 +445,7 @@ impl Mapper {
                 }
             }
         }
-        write_bytes(&mut buf, b"postgresql");
+        write_bytes(&mut buf, ev.table.kind.connector().as_bytes());
         write_bytes(&mut buf, ev.table.database.as_bytes());
         write_bytes(&mut buf, ev.table.schema.as_bytes());
         write_bytes(&mut buf, ev.table.name.as_bytes());
@@ -474,6 +477,21 @@ impl Mapper {
             source,
         })?;
         buf.push(u8::from(ev.op == Op::Snapshot));
+        if ev.table.kind == SourceKind::Mongo {
+            match &ev.changed {
+                None => buf.push(0),
+                Some(paths) => {
+                    buf.push(2);
+                    if !paths.is_empty() {
+                        write_long(&mut buf, i64::try_from(paths.len()).unwrap_or(i64::MAX));
+                        for p in paths {
+                            write_bytes(&mut buf, p.as_bytes());
+                        }
+                    }
+                    buf.push(0);
+                }
+            }
+        }
 
         Ok(Some(DomainEvent {
             topic: rule.topic.clone(),
@@ -528,6 +546,11 @@ fn compile(m: &LoadedMapping, table: &TableInfo) -> Result<TableRule, MappingErr
             .map(|c| (c.name.clone(), None))
             .collect(),
     };
+    let row_name = m
+        .spec
+        .record
+        .clone()
+        .unwrap_or_else(|| pascal_case(&table.name));
     let mut fields = Vec::with_capacity(chosen.len());
     let mut seen = HashSet::new();
     for (col, rule) in chosen {
@@ -547,7 +570,7 @@ fn compile(m: &LoadedMapping, table: &TableInfo) -> Result<TableRule, MappingErr
         }
         let ty = match rule.as_ref().and_then(spec::ColumnRule::type_override) {
             Some(TypeOverride::String) => AvroType::String,
-            None => AvroType::for_column(&info.ty).map_err(|why| {
+            None => AvroType::for_column_named(&info.ty, &format!("{row_name}{}", pascal_case(&out))).map_err(|why| {
                 let where_ = if m.spec.columns.is_some() { field.as_str() } else { "table" };
                 m.err(
                     where_,
@@ -606,8 +629,7 @@ fn compile(m: &LoadedMapping, table: &TableInfo) -> Result<TableRule, MappingErr
     if let Some(t) = &s.events.truncate {
         events.insert("truncate", Arc::from(t.as_str()));
     }
-    let row_name = s.record.clone().unwrap_or_else(|| pascal_case(&table.name));
-    let schema = envelope_schema(&row_name, &table.schema, &q, &fields);
+    let schema = envelope_schema(&row_name, table, &fields);
     let debezium = match &s.debezium {
         Some(dz) => Some(debezium::DebeziumRule::compile(m, dz, table, &key_columns)?),
         None => None,
@@ -764,7 +786,9 @@ pub fn pascal_case(s: &str) -> String {
     sanitize_name(&out)
 }
 
-fn envelope_schema(row_name: &str, db_schema: &str, table: &str, fields: &[FieldPlan]) -> String {
+fn envelope_schema(row_name: &str, table: &TableInfo, fields: &[FieldPlan]) -> String {
+    let db_schema = &table.schema;
+    let qualified = table.qualified();
     let row_fields: Vec<serde_json::Value> = fields
         .iter()
         .map(|f| json!({"name": f.out, "type": ["null", f.ty.schema()], "default": null}))
@@ -774,7 +798,10 @@ fn envelope_schema(row_name: &str, db_schema: &str, table: &str, fields: &[Field
         "type": "record",
         "name": format!("{row_name}Event"),
         "namespace": namespace,
-        "doc": format!("Domain events of table {table}, published by unilog"),
+        "doc": format!("Domain events of {} {qualified}, published by unilog", match table.kind {
+            SourceKind::Postgres => "table",
+            SourceKind::Mongo => "collection",
+        }),
         "fields": [
             {"name": "event_type", "type": "string"},
             {"name": "op", "type": "string", "doc": "snapshot, insert, update, delete or truncate"},
@@ -794,6 +821,17 @@ fn envelope_schema(row_name: &str, db_schema: &str, table: &str, fields: &[Field
             ]}}
         ]
     });
+    let mut schema = schema;
+    if table.kind == SourceKind::Mongo {
+        if let Some(f) = schema["fields"].as_array_mut() {
+            f.push(json!({
+                "name": "changed_fields",
+                "type": ["null", {"type": "array", "items": "string"}],
+                "default": null,
+                "doc": "for updates: the fields the update set or removed (dotted paths)"
+            }));
+        }
+    }
     schema.to_string()
 }
 

@@ -52,6 +52,78 @@ pub struct MappingSpec {
     pub drop: Vec<String>,
     /// Also publish the Debezium-style change envelope.
     pub debezium: Option<DebeziumSpec>,
+    /// MongoDB only: the declared type of each field, since a collection
+    /// has no catalog. Documents that do not fit go to the dead-letter topic.
+    pub fields: Option<IndexMap<String, FieldDecl>>,
+}
+
+/// The declared type of one document field: `email: string`, or the long
+/// form `{ type: document, required: true, fields: {...} }`.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum FieldDecl {
+    Short(BsonType),
+    Long(FieldDetail),
+}
+
+/// The long form of a field declaration.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FieldDetail {
+    #[serde(rename = "type")]
+    pub ty: BsonType,
+    /// A document where the field is missing or null does not fit.
+    #[serde(default)]
+    pub required: bool,
+    /// For `document`: its fields.
+    pub fields: Option<IndexMap<String, FieldDecl>>,
+    /// For `array`: the type of its items.
+    pub items: Option<Box<FieldDecl>>,
+}
+
+/// Field types a MongoDB mapping can declare.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BsonType {
+    /// ObjectId, published as its 24-digit hex string.
+    ObjectId,
+    String,
+    /// 32-bit integer (a 64-bit one that fits is accepted).
+    Int,
+    /// 64-bit integer (32-bit ones are accepted).
+    Long,
+    /// Double (integers are accepted).
+    Double,
+    /// Decimal128 (or any number), published as its exact text.
+    Decimal,
+    Bool,
+    /// BSON date, published as Avro `timestamp-micros`.
+    Date,
+    /// Binary data.
+    Binary,
+    /// Binary subtype 4, published as Avro `uuid`.
+    Uuid,
+    /// Any value, published as relaxed extended JSON text.
+    Json,
+    /// A sub-document with declared `fields`, published as a nested record.
+    Document,
+    /// An array with declared `items`.
+    Array,
+}
+
+impl FieldDecl {
+    /// The declared type.
+    pub fn ty(&self) -> BsonType {
+        match self {
+            FieldDecl::Short(t) => *t,
+            FieldDecl::Long(d) => d.ty,
+        }
+    }
+
+    /// Whether the field must be present and non-null.
+    pub fn required(&self) -> bool {
+        matches!(self, FieldDecl::Long(d) if d.required)
+    }
 }
 
 /// `debezium:`: the Debezium-compatible change envelope beside the domain event.

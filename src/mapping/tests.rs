@@ -8,7 +8,7 @@ use apache_avro::types::Value as Avro;
 use apache_avro::Schema;
 
 use super::*;
-use crate::event::{ColumnInfo, ColumnType, Lsn, SeqKey, SourceMeta};
+use crate::event::{ColumnInfo, ColumnType, Lsn, SeqKey, SourceKind, SourceMeta};
 
 fn col(name: &str, ty: ColumnType, key: bool) -> ColumnInfo {
     ColumnInfo {
@@ -22,6 +22,7 @@ fn col(name: &str, ty: ColumnType, key: bool) -> ColumnInfo {
 
 fn users() -> Arc<TableInfo> {
     Arc::new(TableInfo {
+        kind: SourceKind::Postgres,
         database: "legacy".into(),
         schema: "public".into(),
         name: "users".into(),
@@ -68,6 +69,8 @@ fn row() -> Vec<Value> {
 
 fn event(op: Op, before: Option<Vec<Value>>, after: Option<Vec<Value>>) -> ChangeEvent {
     ChangeEvent {
+        id: None,
+        changed: None,
         table: users(),
         op,
         seq: SeqKey {

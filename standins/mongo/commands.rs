@@ -758,7 +758,19 @@ fn find(state: &mut State, db: &str, command: &Document) -> Result<Document, Com
         single_batch |= l <= batch;
     }
     if db == "local" && coll == "oplog.rs" {
-        return cursors::find_oplog(state, filter, batch, limit, tailable, await_data);
+        let newest_first = sort
+            .get("$natural")
+            .and_then(query::as_f64)
+            .is_some_and(|d| d < 0.0);
+        return cursors::find_oplog(
+            state,
+            filter,
+            batch,
+            limit,
+            tailable,
+            await_data,
+            newest_first,
+        );
     }
     if tailable {
         return Err(CommandError::bad_value(format!(

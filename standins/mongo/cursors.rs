@@ -180,6 +180,7 @@ pub fn find_oplog(
     limit: Option<usize>,
     tailable: bool,
     await_data: bool,
+    newest_first: bool,
 ) -> Result<Document, CommandError> {
     let ns = "local.oplog.rs".to_string();
     let after = oplog_start(&filter).unwrap_or(Timestamp {
@@ -190,7 +191,21 @@ pub fn find_oplog(
         return Err(capped_position_lost(after));
     }
     if !tailable {
-        let (docs, _) = scan_oplog(&state.oplog, &filter, after, limit.unwrap_or(usize::MAX))?;
+        // `sort: {$natural: -1}`: newest first, as mongod reads a capped collection backwards.
+        let (mut docs, _) = scan_oplog(
+            &state.oplog,
+            &filter,
+            after,
+            if newest_first {
+                usize::MAX
+            } else {
+                limit.unwrap_or(usize::MAX)
+            },
+        )?;
+        if newest_first {
+            docs.reverse();
+            docs.truncate(limit.unwrap_or(usize::MAX));
+        }
         return Ok(open_buffered(state, ns, docs.into(), batch_size, false));
     }
     let (first, position) = scan_oplog(&state.oplog, &filter, after, batch_size)?;

@@ -36,7 +36,7 @@ fn type_rank(value: &Bson) -> u8 {
     }
 }
 
-fn as_f64(value: &Bson) -> Option<f64> {
+pub fn as_f64(value: &Bson) -> Option<f64> {
     match value {
         Bson::Int32(v) => Some(f64::from(*v)),
         #[allow(clippy::cast_precision_loss)]
@@ -329,6 +329,13 @@ pub fn truthy(value: &Bson) -> bool {
 
 /// Sorts by a `{field: 1|-1, ...}` specification.
 pub fn sort_docs(docs: &mut [Document], spec: &Document) {
+    // `$natural` is the stored order (insertion order here), as mongod's.
+    if let Some(direction) = spec.get("$natural") {
+        if as_f64(direction).is_some_and(|d| d < 0.0) {
+            docs.reverse();
+        }
+        return;
+    }
     docs.sort_by(|a, b| {
         for (field, direction) in spec {
             let null = Bson::Null;

@@ -115,6 +115,10 @@ pub const EXAMPLE_ENV: &[(&str, &str)] = &[
     ("PG_URL", "postgres://unilog:secret@db.internal:5432/app"),
     ("PG_PASSWORD", "secret"),
     (
+        "MONGO_URL",
+        "mongodb://unilog:secret@mongo-1.internal:27017/?replicaSet=rs0",
+    ),
+    (
         "KAFKA_BROKERS",
         "kafka-1.internal:9092,kafka-2.internal:9092",
     ),

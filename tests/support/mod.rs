@@ -7,6 +7,7 @@
 
 pub mod cluster;
 pub mod docs;
+pub mod mongo;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,7 +32,7 @@ pub struct Stack {
     pub registry: String,
 }
 
-fn need(var: &str) -> String {
+pub fn need(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!("{var} is not set: run the tests with scripts/test, or `scripts/stack up && eval \"$(scripts/stack env)\"` first")
     })

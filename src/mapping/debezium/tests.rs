@@ -7,7 +7,7 @@ use apache_avro::types::Value as Avro;
 use apache_avro::Schema;
 
 use super::*;
-use crate::event::{Lsn, SeqKey, SourceMeta};
+use crate::event::{Lsn, SeqKey, SourceKind, SourceMeta};
 use crate::mapping::tests::{decode_framed, field};
 use crate::mapping::Mapper;
 
@@ -23,6 +23,7 @@ fn col(name: &str, ty: ColumnType, nullable: bool) -> ColumnInfo {
 
 fn users() -> Arc<TableInfo> {
     Arc::new(TableInfo {
+        kind: SourceKind::Postgres,
         database: "legacy".into(),
         schema: "public".into(),
         name: "users".into(),
@@ -100,6 +101,8 @@ fn registered(text: &str) -> Mapper {
 fn event(op: Op, before: Option<Vec<Value>>, after: Option<Vec<Value>>) -> ChangeEvent {
     let snapshot = op == Op::Snapshot;
     ChangeEvent {
+        id: None,
+        changed: None,
         table: users(),
         op,
         seq: SeqKey {

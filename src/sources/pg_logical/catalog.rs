@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use tokio_postgres::Client;
 
-use crate::event::{ColumnInfo, ColumnType, TableInfo};
+use crate::event::{ColumnInfo, ColumnType, SourceKind, TableInfo};
 
 /// Cached catalog reader over an ordinary connection.
 pub struct Catalog {
@@ -100,6 +100,7 @@ impl Catalog {
             });
         }
         Ok(Some(TableInfo {
+            kind: SourceKind::Postgres,
             database: self.database.clone(),
             schema: schema.to_string(),
             name: name.to_string(),

@@ -47,7 +47,8 @@ use tokio_postgres::Client;
 use crate::checkpoint::{CheckpointError, CheckpointStore, FileCheckpointStore, PgCheckpoint};
 use crate::config::{redact_url, SlotLostPolicy, SnapshotMode};
 use crate::event::{
-    ChangeEvent, ColumnInfo, Lsn, Op, Position, Row, SeqKey, SourceMeta, TableInfo, Value,
+    ChangeEvent, ColumnInfo, Lsn, Op, Position, Row, SeqKey, SourceKind, SourceMeta, TableInfo,
+    Value,
 };
 use crate::sources::{Source, SourceBatch};
 use catalog::{quote_ident, Catalog};
@@ -723,6 +724,7 @@ impl PgSource {
             });
         }
         let info = TableInfo {
+            kind: SourceKind::Postgres,
             database: self.database.clone(),
             schema: body.namespace,
             name: body.name,
@@ -765,6 +767,8 @@ impl PgSource {
         };
         txn.ordinal += 1;
         Ok(ChangeEvent {
+            id: None,
+            changed: None,
             table,
             op,
             seq,
@@ -883,12 +887,13 @@ pub fn parse_column(col: &ColumnInfo, bytes: &[u8]) -> Value {
 
 impl Source for PgSource {
     type Error = PgError;
+    type Position = Position;
 
     async fn next_batch(
         &mut self,
         max_events: usize,
         max_wait: Duration,
-    ) -> Result<SourceBatch, PgError> {
+    ) -> Result<SourceBatch<Position>, PgError> {
         let mut batch = SourceBatch::default();
         let idle_wait = Duration::from_millis(200).max(max_wait);
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -987,5 +992,13 @@ impl Source for PgSource {
             self.last_saved = Instant::now();
         }
         Ok(())
+    }
+
+    fn lag_bytes(&self) -> Option<u64> {
+        Some(PgSource::lag_bytes(self))
+    }
+
+    async fn shutdown(&mut self) -> Result<(), PgError> {
+        PgSource::shutdown(self).await
     }
 }

@@ -155,6 +155,8 @@ impl SnapshotReader {
                     for line in lines {
                         let row = parse_line(&cur.table, &line)?;
                         out.push(ChangeEvent {
+                            id: None,
+                            changed: None,
                             table: cur.table.clone(),
                             op: Op::Snapshot,
                             seq: SeqKey {

@@ -136,9 +136,11 @@ pub fn parse_text(ty: &ColumnType, text: &str) -> Result<Value, ValueError> {
         ColumnType::Numeric(_) => check_numeric(text).map(|()| Value::Numeric(text.to_owned())),
         // Unsupported columns must be dropped by the mapping; until then they
         // travel as text, like their database prints them.
-        ColumnType::Text | ColumnType::TextLike | ColumnType::Unsupported(_) => {
-            Ok(Value::Text(text.to_owned()))
-        }
+        ColumnType::Text
+        | ColumnType::TextLike
+        | ColumnType::ObjectId
+        | ColumnType::Record(_)
+        | ColumnType::Unsupported(_) => Ok(Value::Text(text.to_owned())),
         ColumnType::Json => Ok(Value::Json(text.to_owned())),
         ColumnType::Bytes => parse_bytea(text).map(Value::Bytes),
         ColumnType::LocalTimestamp | ColumnType::Timestamp | ColumnType::Date
@@ -299,6 +301,8 @@ fn type_name(ty: &ColumnType) -> String {
         ColumnType::Enum(_) => "enum",
         ColumnType::TextLike => "text-like",
         ColumnType::Array(elem) => return format!("{}[]", type_name(elem)),
+        ColumnType::ObjectId => "objectId",
+        ColumnType::Record(_) => "document",
         ColumnType::Unsupported(name) => return name.clone(),
     };
     name.to_owned()

@@ -1,0 +1,480 @@
+//! The MongoDB source end to end: documents in a replica set -> domain
+//! events on Kafka, in both modes (change streams and the raw oplog).
+//!
+//! `MONGO_URL` points at the stack's stand-in (`standins/mongo`, not mongod)
+//! or at a real replica set. Tests that damage the oplog run their own
+//! private stand-in, and are skipped against a real server.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use bson::{doc, oid::ObjectId, Bson, Document};
+use futures::TryStreamExt;
+use serde_json::Value as Json;
+
+use support::mongo::{user, write_config, MongoFixture, PrivateStandIn};
+use support::{consume, decode_all, Decoder, Record, Stack};
+
+const QUIET: Duration = Duration::from_secs(2);
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn hex(d: &Document) -> String {
+    d.get_object_id("_id").unwrap().to_hex()
+}
+
+/// Decoded records with their Kafka coordinates, in offset order per partition.
+async fn read(stack: &Stack, topic: &str, min: usize) -> (Vec<Record>, Vec<Json>) {
+    let mut records = consume(&stack.brokers, topic, min, QUIET, TIMEOUT).await;
+    records.sort_by_key(|r| (r.partition, r.offset));
+    let mut dec = Decoder::new(&stack.registry);
+    let decoded = decode_all(&mut dec, &records).await;
+    (records, decoded)
+}
+
+/// The events of one key, in order (a key lives on one partition).
+fn by_key(decoded: &[Json]) -> BTreeMap<String, Vec<&Json>> {
+    let mut m: BTreeMap<String, Vec<&Json>> = BTreeMap::new();
+    for d in decoded {
+        m.entry(d["key"].as_str().unwrap_or_default().to_string())
+            .or_default()
+            .push(d);
+    }
+    m
+}
+
+async fn every_operation(mode: &str) {
+    let stack = Stack::from_env();
+    let fx = MongoFixture::new(&stack, mode, "", "").await;
+    let users = fx.users();
+    let (u1, u2) = (user(1), user(2));
+    users.insert_many([u1.clone(), u2.clone()]).await.unwrap();
+    let running = fx.start();
+    let (_, copied) = read(&stack, &fx.topic, 2).await;
+    assert_eq!(copied.len(), 2, "{copied:?}");
+    assert!(copied
+        .iter()
+        .all(|d| d["op"] == "snapshot" && d["event_type"] == "UserImported"));
+
+    // Insert, a partial update (a `$v: 2` diff in the oplog), a replacement, a delete.
+    let u3 = user(3);
+    users.insert_one(u3.clone()).await.unwrap();
+    users
+        .update_one(
+            doc! {"_id": u3.get("_id").unwrap()},
+            doc! {"$set": {"age": 40, "address.city": "Paris"}, "$unset": {"tags": ""}},
+        )
+        .await
+        .unwrap();
+    let mut replaced = user(33);
+    replaced.insert("_id", u3.get("_id").unwrap().clone());
+    replaced.insert("email", "replaced@example.com");
+    users
+        .replace_one(doc! {"_id": u3.get("_id").unwrap()}, replaced)
+        .await
+        .unwrap();
+    users
+        .delete_one(doc! {"_id": u1.get("_id").unwrap()})
+        .await
+        .unwrap();
+    // A document that does not fit its declared types: dead letter, and on.
+    let misfit = doc! {"_id": ObjectId::new(), "email": "bad@example.com", "age": "old"};
+    users.insert_one(misfit.clone()).await.unwrap();
+    let u4 = user(4);
+    users.insert_one(u4.clone()).await.unwrap();
+    // Drop, then the collection again; a rename away; a dropped database
+    // (which invalidates a database change stream: it must be reopened).
+    users.drop().await.unwrap();
+    let u5 = user(5);
+    users.insert_one(u5.clone()).await.unwrap();
+    fx.client
+        .database("admin")
+        .run_command(doc! {
+            "renameCollection": format!("{}.users", fx.db),
+            "to": format!("{}.users_old", fx.db),
+        })
+        .await
+        .unwrap();
+    fx.client.database(&fx.db).drop().await.unwrap();
+    let u6 = user(6);
+    users.insert_one(u6.clone()).await.unwrap();
+
+    let (_, all) = read(&stack, &fx.topic, 12).await;
+    let stats = running.stop().await;
+    let kinds: Vec<(String, String)> = all
+        .iter()
+        .map(|d| {
+            (
+                d["op"].as_str().unwrap().to_string(),
+                d["event_type"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let count = |op: &str| kinds.iter().filter(|(o, _)| o == op).count();
+    assert_eq!(count("snapshot"), 2, "{kinds:?}");
+    assert_eq!(count("insert"), 4, "u3, u4, u5, u6: {kinds:?}");
+    assert_eq!(count("update"), 2, "update and replace: {kinds:?}");
+    assert_eq!(count("delete"), 1, "{kinds:?}");
+    assert_eq!(
+        count("truncate"),
+        3,
+        "drop, rename, dropDatabase: {kinds:?}"
+    );
+    assert!(kinds
+        .iter()
+        .filter(|(o, _)| o == "truncate")
+        .all(|(_, e)| e == "UsersDropped"));
+
+    let keyed = by_key(&all);
+    let k3 = &keyed[&hex(&u3)];
+    let ops: Vec<&str> = k3.iter().map(|d| d["op"].as_str().unwrap()).collect();
+    assert_eq!(ops, ["insert", "update", "update"]);
+    let insert = k3[0];
+    assert_eq!(insert["after"]["email"], "u3@example.com");
+    assert_eq!(insert["after"]["balance"], "3.50");
+    assert_eq!(insert["after"]["joined"], 1_700_000_000_003_000_i64);
+    assert_eq!(insert["after"]["address"]["zip"], "00003");
+    assert_eq!(insert["after"]["tags"], serde_json::json!(["a", "b"]));
+    assert_eq!(insert["source"]["connector"], "mongodb");
+    assert_eq!(insert["source"]["database"], fx.db.as_str());
+    assert_eq!(insert["source"]["table"], "users");
+    assert!(insert["changed_fields"].is_null());
+    let update = k3[1];
+    let mut changed: Vec<&str> = update["changed_fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    changed.sort_unstable();
+    assert_eq!(changed, ["address.city", "age", "tags"]);
+    // The looked-up document: current when read (here, perhaps the replacement).
+    assert!(update["after"]["_id"] == hex(&u3).as_str());
+    let replace = k3[2];
+    assert_eq!(replace["after"]["email"], "replaced@example.com");
+    assert!(replace["changed_fields"].is_null());
+    let del = &keyed[&hex(&u1)];
+    assert_eq!(del.last().unwrap()["op"], "delete");
+    assert_eq!(del.last().unwrap()["event_type"], "UserDeleted");
+    assert_eq!(del.last().unwrap()["before"]["_id"], hex(&u1).as_str());
+    assert!(del.last().unwrap()["after"].is_null());
+    assert!(
+        keyed.contains_key(&hex(&u6)),
+        "reopened after the invalidate"
+    );
+    // Dedup ids are unique: no change was published twice in a clean run.
+    let ids: HashSet<&str> = all
+        .iter()
+        .map(|d| d["dedup_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), all.len());
+    assert!(ids
+        .iter()
+        .all(|i| i.starts_with(&format!("mongo/{}/", fx.db))));
+
+    // The misfit: in the dead-letter topic, with collection, _id and field.
+    assert_eq!(stats.dead_lettered, 1);
+    let dl = consume(&stack.brokers, &fx.dead_letter_topic(), 1, QUIET, TIMEOUT).await;
+    assert_eq!(dl.len(), 1);
+    let body: Json = serde_json::from_slice(&dl[0].payload).unwrap();
+    let reason = body["error"].as_str().unwrap();
+    assert_eq!(body["table"], format!("{}.users", fx.db).as_str());
+    assert!(reason.contains(&hex(&misfit)), "{reason}");
+    assert!(
+        reason.contains("field `age` is a string, but it is declared int"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains("old"),
+        "no values in dead letters: {reason}"
+    );
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_streams_every_operation_gives_its_event() {
+    every_operation("change_streams").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oplog_every_operation_gives_its_event() {
+    every_operation("oplog").await;
+}
+
+/// Final state per key from the topic: the last event's `after` (absent
+/// after a delete).
+fn final_state(decoded: &[Json]) -> BTreeMap<String, Json> {
+    let mut out = BTreeMap::new();
+    for (k, events) in by_key(decoded) {
+        let last = events.last().unwrap();
+        if last["op"] != "delete" && !last["after"].is_null() {
+            out.insert(k, last["after"].clone());
+        }
+    }
+    out
+}
+
+async fn copy_with_concurrent_writes(mode: &str) {
+    let stack = Stack::from_env();
+    let fx = MongoFixture::new(
+        &stack,
+        mode,
+        "",
+        "batch:\n  max_events: 100\n  max_wait_ms: 10\n",
+    )
+    .await;
+    let users = fx.users();
+    let docs: Vec<Document> = (0..3000).map(user).collect();
+    users.insert_many(docs.clone()).await.unwrap();
+    let running = fx.start();
+    // Writes while the copy runs: updates, deletes and inserts, in _id order
+    // and out of it.
+    let writer = {
+        let users = users.clone();
+        let ids: Vec<Bson> = docs.iter().map(|d| d.get("_id").unwrap().clone()).collect();
+        tokio::spawn(async move {
+            for i in 0..600usize {
+                let id = ids[(i * 7919) % ids.len()].clone();
+                match i % 3 {
+                    0 => {
+                        users
+                            .update_one(doc! {"_id": id}, doc! {"$set": {"age": 9000 + i as i32}})
+                            .await
+                            .unwrap();
+                    }
+                    1 => {
+                        users.delete_one(doc! {"_id": id}).await.unwrap();
+                    }
+                    _ => {
+                        users.insert_one(user(100_000 + i as i32)).await.unwrap();
+                    }
+                }
+            }
+        })
+    };
+    writer.await.unwrap();
+    let (_, decoded) = read(&stack, &fx.topic, 3000).await;
+    let stats = running.stop().await;
+    let want: BTreeMap<String, i64> = users
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| (hex(d), i64::from(d.get_i32("age").unwrap())))
+        .collect();
+    let got: BTreeMap<String, i64> = final_state(&decoded)
+        .into_iter()
+        .map(|(k, after)| (k, after["age"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "documents in the topic vs the collection"
+    );
+    assert_eq!(got, want);
+    assert!(stats.snapshot_rows == 0 || stats.snapshot_rows <= 3000);
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_streams_copy_and_concurrent_writes_end_in_the_final_state() {
+    copy_with_concurrent_writes("change_streams").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oplog_copy_and_concurrent_writes_end_in_the_final_state() {
+    copy_with_concurrent_writes("oplog").await;
+}
+
+fn spawn_unilog(fx: &MongoFixture) -> support::Killed {
+    support::Killed(
+        std::process::Command::new(support::unilog_bin())
+            .args(["run", "--config"])
+            .arg(&fx.config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start unilog"),
+    )
+}
+
+fn kill9(child: &mut support::Killed) {
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &child.0.id().to_string()])
+        .status();
+    let _ = child.0.wait();
+}
+
+/// SIGKILL during the copy and during streaming: nothing lost, and every
+/// repeat carries the same dedup id and the same bytes.
+async fn kill_and_restart(mode: &str) {
+    let stack = Stack::from_env();
+    let fx = MongoFixture::new(
+        &stack,
+        mode,
+        "",
+        "batch:\n  max_events: 100\n  max_wait_ms: 10\n",
+    )
+    .await;
+    let users = fx.users();
+    let initial: Vec<Document> = (0..4000).map(user).collect();
+    users.insert_many(initial.clone()).await.unwrap();
+    let mut child = spawn_unilog(&fx);
+    // Kill once the copy is under way.
+    let start = std::time::Instant::now();
+    loop {
+        let state =
+            std::fs::read_to_string(fx.dir.path().join(format!("state/{}.mongo.json", fx.name)))
+                .unwrap_or_default();
+        if state.contains("copy_progress") {
+            break;
+        }
+        assert!(start.elapsed() < TIMEOUT, "the copy made no progress");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    kill9(&mut child);
+    let saved =
+        std::fs::read_to_string(fx.dir.path().join(format!("state/{}.mongo.json", fx.name)))
+            .unwrap();
+    assert!(saved.contains("copy_progress"), "{saved}");
+    // Writes while unilog is killed again and again.
+    let writer = {
+        let users = users.clone();
+        tokio::spawn(async move {
+            let mut inserted = Vec::new();
+            for i in 0..1500 {
+                let u = user(50_000 + i);
+                users.insert_one(u.clone()).await.unwrap();
+                inserted.push(hex(&u));
+                if i % 100 == 0 {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            inserted
+        })
+    };
+    for _ in 0..4 {
+        child = spawn_unilog(&fx);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        kill9(&mut child);
+    }
+    let inserted = writer.await.unwrap();
+    child = spawn_unilog(&fx);
+    let (records, decoded) = read(&stack, &fx.topic, 5500).await;
+    let status = support::sigterm(&mut child.0);
+    assert!(status.success(), "{status:?}");
+    let keys: HashSet<&str> = decoded.iter().map(|d| d["key"].as_str().unwrap()).collect();
+    for d in initial.iter().map(hex).chain(inserted.iter().cloned()) {
+        assert!(
+            keys.contains(d.as_str()),
+            "document {d} never reached the topic"
+        );
+    }
+    // Repeats are byte-identical.
+    let mut by_id: HashMap<&str, &[u8]> = HashMap::new();
+    let mut repeats = 0;
+    for (r, d) in records.iter().zip(&decoded) {
+        let id = d["dedup_id"].as_str().unwrap();
+        if let Some(prev) = by_id.insert(id, &r.payload) {
+            repeats += 1;
+            assert_eq!(
+                prev,
+                r.payload.as_slice(),
+                "dedup id {id} published with other bytes"
+            );
+        }
+    }
+    // The copy went on from where it was, not from the start.
+    let copies = decoded.iter().filter(|d| d["op"] == "snapshot").count();
+    assert!(copies < 2 * 4000, "{copies} copy events for 4000 documents");
+    println!(
+        "{mode}: {} records, {} distinct changes, {repeats} repeats",
+        records.len(),
+        by_id.len()
+    );
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_streams_kill_and_restart_loses_nothing() {
+    kill_and_restart("change_streams").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oplog_kill_and_restart_loses_nothing() {
+    kill_and_restart("oplog").await;
+}
+
+/// The position falls off the oplog while unilog is stopped: `stop` says
+/// so and exits; `recopy` copies again and goes on.
+async fn lost_position(mode: &str) {
+    // A private stand-in, whatever MONGO_URL says: its oplog is truncated
+    // on demand (a real replica set's cannot be).
+    let stack = Stack::from_env();
+    let standin = PrivateStandIn::start().await;
+    let fx = MongoFixture::with_url(&stack, &standin.url, mode, "", "").await;
+    let users = fx.users();
+    users.insert_many([user(1), user(2)]).await.unwrap();
+    let running = fx.start();
+    let _ = read(&stack, &fx.topic, 2).await;
+    running.stop().await;
+    users
+        .insert_many([user(3), user(4), user(5)])
+        .await
+        .unwrap();
+    for i in 0..5 {
+        users.insert_one(user(100 + i)).await.unwrap();
+    }
+    assert!(
+        fx.standin_hook(doc! {"standinTruncateOplog": 1, "keepLast": 1})
+            .await
+    );
+    let err = fx
+        .start()
+        .handle
+        .await
+        .unwrap()
+        .expect_err("the position is gone: the pipeline must stop");
+    let msg = err.to_string();
+    assert!(!err.is_transient(), "{msg}");
+    assert!(msg.contains("is no longer in the oplog"), "{msg}");
+    assert!(msg.contains("on_history_lost: recopy"), "{msg}");
+
+    // `recopy`: a new copy, then streaming again.
+    write_config(
+        &fx.config,
+        &stack,
+        &fx.name,
+        &fx.url,
+        mode,
+        "    on_history_lost: recopy\n",
+        "",
+    );
+    let running = fx.start();
+    let (_, decoded) = read(&stack, &fx.topic, 2 + 10).await;
+    users.insert_one(user(999)).await.unwrap();
+    let (_, after) = read(&stack, &fx.topic, decoded.len() + 1).await;
+    running.stop().await;
+    let copies = decoded.iter().filter(|d| d["op"] == "snapshot").count();
+    assert_eq!(copies, 2 + 10, "first copy of 2, then a re-copy of all 10");
+    assert!(
+        after
+            .iter()
+            .any(|d| d["op"] == "insert" && d["after"]["email"] == "u999@example.com"),
+        "streaming goes on after the re-copy"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_streams_lost_position_takes_the_configured_path() {
+    lost_position("change_streams").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oplog_lost_position_takes_the_configured_path() {
+    lost_position("oplog").await;
+}
