@@ -72,9 +72,16 @@ async fn every_change_is_read_once_across_repeated_sigkills() {
     let text = std::fs::read_to_string(&fx.config).unwrap();
     std::fs::write(
         &fx.config,
+        // Small batches, so that many end inside a database transaction
+        // (up to 40 changes): the progress record then names the last
+        // change, not only the last complete transaction.
         text.replace(
             "  partitions: 3\n",
             "  partitions: 3\n  exactly_once: true\n",
+        )
+        .replace(
+            "  max_wait_ms: 10\n",
+            "  max_wait_ms: 10\n  max_events: 100\n",
         ),
     )
     .unwrap();
