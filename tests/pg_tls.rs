@@ -55,6 +55,49 @@ fn make_ca(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("{name}.crt"))
 }
 
+/// `client.crt` / `client.key` for the user `postgres`, signed by `ca`.
+fn make_client_cert(dir: &Path, ca: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            "/CN=postgres",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+        ],
+    );
+    // Extensions make it an X.509 v3 certificate (rustls refuses v1).
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+            "-out",
+            "client.crt",
+        ],
+    );
+}
+
 /// `server.crt` / `server.key` for localhost and 127.0.0.1, signed by `ca`.
 fn make_server_cert(dir: &Path, ca: &str) {
     openssl(
@@ -101,15 +144,22 @@ fn make_server_cert(dir: &Path, ca: &str) {
     );
 }
 
-/// A cluster that takes TCP connections over TLS only, with a database
+/// TCP over TLS only, no password.
+const HBA_TLS_ONLY: &str = "local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n";
+/// TCP over TLS only, authenticated by a client certificate.
+const HBA_CLIENT_CERT: &str = "local all all trust\nhostssl all all 127.0.0.1/32 cert\nhostssl replication all 127.0.0.1/32 cert\n";
+
+/// A cluster that takes TCP connections as `hba` says, with a database
 /// `shop` and a table `items`. Returns the cluster, the folder of the
-/// certificates, and the path of the CA that signed the server's.
-async fn tls_cluster() -> (Cluster, tempfile::TempDir, PathBuf) {
+/// certificates (the CA `ca.crt`, and a client certificate `client.crt` /
+/// `client.key` for the user `postgres`), and the path of the CA.
+async fn tls_cluster(hba: &str) -> (Cluster, tempfile::TempDir, PathBuf) {
     let certs = tempfile::tempdir().unwrap();
     let ca = make_ca(certs.path(), "ca");
     make_server_cert(certs.path(), "ca");
-    let cluster =
-        Cluster::init("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n");
+    make_client_cert(certs.path(), "ca");
+    let cluster = Cluster::init("ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'\n");
+    cluster.write("ca.crt", &std::fs::read(&ca).unwrap(), 0o644);
     cluster.write(
         "server.crt",
         &std::fs::read(certs.path().join("server.crt")).unwrap(),
@@ -120,24 +170,32 @@ async fn tls_cluster() -> (Cluster, tempfile::TempDir, PathBuf) {
         &std::fs::read(certs.path().join("server.key")).unwrap(),
         0o600,
     );
-    cluster.write(
-        "pg_hba.conf",
-        b"local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostssl replication all 127.0.0.1/32 trust\n",
-        0o600,
-    );
+    cluster.write("pg_hba.conf", hba.as_bytes(), 0o600);
     cluster.pg_ctl(&["start", "-w", "-t", "60"]);
-    let url = verify_full_url(&cluster, "postgres", &ca);
+    let url = with_client_cert(&verify_full_url(&cluster, "postgres", &ca), certs.path());
     let admin = unilog::sources::pg_logical::connect_plain(&url)
         .await
         .expect("connect with verify-full");
     admin.batch_execute("CREATE DATABASE shop").await.unwrap();
-    unilog::sources::pg_logical::connect_plain(&verify_full_url(&cluster, "shop", &ca))
-        .await
+    unilog::sources::pg_logical::connect_plain(&with_client_cert(
+        &verify_full_url(&cluster, "shop", &ca),
+        certs.path(),
+    ))
+    .await
         .unwrap()
         .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL); INSERT INTO items VALUES (1, 1)")
         .await
         .unwrap();
     (cluster, certs, ca)
+}
+
+/// `url` with the client certificate of [`make_client_cert`] in `dir`.
+fn with_client_cert(url: &str, dir: &Path) -> String {
+    format!(
+        "{url}&sslcert={}&sslkey={}",
+        dir.join("client.crt").display(),
+        dir.join("client.key").display()
+    )
 }
 
 fn verify_full_url(cluster: &Cluster, db: &str, ca: &Path) -> String {
@@ -185,7 +243,7 @@ async fn run_fails(cfg: &unilog::config::LoadedConfig) -> unilog::pipeline::Pipe
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn verify_full_against_the_servers_ca_streams_over_tls() {
     let stack = Stack::from_env();
-    let (cluster, _certs, ca) = tls_cluster().await;
+    let (cluster, _certs, ca) = tls_cluster(HBA_TLS_ONLY).await;
     let url = verify_full_url(&cluster, "shop", &ca);
     let (_dir, cfg, topic) = pipeline(&stack, &url);
     let slot = cfg.slot();
@@ -252,7 +310,7 @@ async fn verify_full_against_the_servers_ca_streams_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_wrong_ca_is_refused_naming_tls() {
     let stack = Stack::from_env();
-    let (cluster, certs, _ca) = tls_cluster().await;
+    let (cluster, certs, _ca) = tls_cluster(HBA_TLS_ONLY).await;
     let other = make_ca(certs.path(), "other");
     let url = verify_full_url(&cluster, "shop", &other);
     let (_dir, cfg, _topic) = pipeline(&stack, &url);
@@ -274,7 +332,7 @@ async fn a_wrong_ca_is_refused_naming_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sslmode_disable_against_a_tls_only_server_is_refused_clearly() {
     let stack = Stack::from_env();
-    let (cluster, _certs, _ca) = tls_cluster().await;
+    let (cluster, _certs, _ca) = tls_cluster(HBA_TLS_ONLY).await;
     let url = format!("{}?sslmode=disable", cluster.url("shop"));
     let (_dir, cfg, _topic) = pipeline(&stack, &url);
     let err = run_fails(&cfg).await;
@@ -287,4 +345,67 @@ async fn sslmode_disable_against_a_tls_only_server_is_refused_clearly() {
         "{text}"
     );
     assert!(!err.is_transient(), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_client_certificate_authenticates_both_connections() {
+    let stack = Stack::from_env();
+    let (cluster, certs, ca) = tls_cluster(HBA_CLIENT_CERT).await;
+
+    // Without a client certificate the server refuses, and says why.
+    let (_dir, cfg, _topic) = pipeline(&stack, &verify_full_url(&cluster, "shop", &ca));
+    let err = run_fails(&cfg).await;
+    let text = err.to_string();
+    eprintln!("refused: {text}");
+    assert!(
+        text.contains("requires a valid client certificate") && text.contains("add sslcert="),
+        "{text}"
+    );
+    assert!(!err.is_transient(), "{text}");
+
+    // With it, the snapshot and the stream both go through.
+    let url = with_client_cert(&verify_full_url(&cluster, "shop", &ca), certs.path());
+    let (_dir, cfg, topic) = pipeline(&stack, &url);
+    let slot = cfg.slot();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = tokio::spawn(async move { unilog::pipeline::run(&cfg, flag).await });
+    let admin = unilog::sources::pg_logical::connect_plain(&with_client_cert(
+        &verify_full_url(&cluster, "postgres", &ca),
+        certs.path(),
+    ))
+    .await
+    .unwrap();
+    let app = format!("unilog-{slot}");
+    let start = std::time::Instant::now();
+    while admin
+        .query_opt(
+            "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state = 'streaming'",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            !handle.is_finished(),
+            "the pipeline stopped: {:?}",
+            handle.await
+        );
+        assert!(start.elapsed() < WAIT, "not streaming after {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unilog::sources::pg_logical::connect_plain(&url)
+        .await
+        .unwrap()
+        .execute("INSERT INTO items VALUES (2, 2)", &[])
+        .await
+        .unwrap();
+    let records = consume(&stack.brokers, &topic, 2, Duration::from_secs(2), WAIT).await;
+    let mut keys: Vec<String> = records.iter().filter_map(|r| r.key.clone()).collect();
+    keys.sort();
+    keys.dedup();
+    assert_eq!(keys, ["1", "2"]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    handle.await.unwrap().expect("pipeline failed");
 }

@@ -200,6 +200,13 @@ fn connect_error(url: &str, e: &tokio_postgres::Error) -> PgError {
     }
     if let Some(db) = e.as_db_error() {
         // pg_hba.conf has only `hostssl` lines for this client.
+        if db.message().contains("client certificate") {
+            return PgError::Connect {
+                url,
+                reason: format!("{reason}; the server authenticates this user by a TLS client certificate: add sslcert=/path/to/client.crt&sslkey=/path/to/client.key to the URL"),
+                unreachable: false,
+            };
+        }
         if db.message().contains("no encryption") {
             return PgError::Connect {
                 url,

@@ -69,6 +69,9 @@ pub struct PgUrl {
     pub mode: SslMode,
     /// `sslrootcert`: PEM file of the CA certificates to trust.
     pub root_cert: Option<PathBuf>,
+    /// `sslcert` and `sslkey`: a client certificate (PEM chain) and its
+    /// private key, for servers that authenticate clients by certificate.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl PgUrl {
@@ -80,6 +83,8 @@ impl PgUrl {
         };
         let mut mode = SslMode::default();
         let mut root_cert = None;
+        let mut cert = None;
+        let mut key = None;
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -91,6 +96,8 @@ impl PgUrl {
                     })?;
                 }
                 "sslrootcert" => root_cert = Some(PathBuf::from(percent_decode(v))),
+                "sslcert" => cert = Some(PathBuf::from(percent_decode(v))),
+                "sslkey" => key = Some(PathBuf::from(percent_decode(v))),
                 _ => kept.push(pair),
             }
         }
@@ -99,6 +106,19 @@ impl PgUrl {
                 "sslmode verify-ca and verify-full need sslrootcert=/path/to/ca.pem in the URL (the CA that signed the server's certificate)"
                     .into(),
             );
+        }
+        let client_cert = match (cert, key) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            _ => {
+                return Err(
+                    "sslcert and sslkey go together: give both (the client certificate and its key) or neither"
+                        .into(),
+                )
+            }
+        };
+        if client_cert.is_some() && mode == SslMode::Disable {
+            return Err("sslcert and sslkey need TLS; sslmode=disable turns it off".into());
         }
         let pg_mode = match mode {
             SslMode::Disable => "disable",
@@ -114,6 +134,7 @@ impl PgUrl {
             url: format!("{base}?{}", kept.join("&")),
             mode,
             root_cert,
+            client_cert,
         })
     }
 
@@ -122,11 +143,15 @@ impl PgUrl {
         if self.mode == SslMode::Disable {
             // Never used: tokio-postgres does not ask for TLS then.
             return Ok(RustlsConnect {
-                config: Arc::new(client_config(SslMode::Require, None)?),
+                config: Arc::new(client_config(SslMode::Require, None, None)?),
             });
         }
         Ok(RustlsConnect {
-            config: Arc::new(client_config(self.mode, self.root_cert.as_ref())?),
+            config: Arc::new(client_config(
+                self.mode,
+                self.root_cert.as_ref(),
+                self.client_cert.as_ref(),
+            )?),
         })
     }
 
@@ -145,6 +170,9 @@ impl PgUrl {
             ca_pem_path: self.root_cert.clone(),
             ..Default::default()
         };
+        if let Some((cert, key)) = &self.client_cert {
+            tls = tls.with_client_cert(cert, key);
+        }
         // pgwire-replication refuses verify-full with an IP address unless
         // the name to check is given; an IP address in the certificate's
         // subjectAltName is checked as libpq does.
@@ -184,11 +212,13 @@ fn provider() -> Arc<CryptoProvider> {
 fn client_config(
     mode: SslMode,
     root_cert: Option<&PathBuf>,
+    client_cert: Option<&(PathBuf, PathBuf)>,
 ) -> Result<rustls::ClientConfig, String> {
     let provider = provider();
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS setup: {e}"))?;
+    let identity = client_cert.map(load_identity).transpose()?;
     let config = if mode.verifies() {
         let path = root_cert.ok_or("sslrootcert is not set")?;
         let roots = Arc::new(load_roots(path)?);
@@ -203,14 +233,17 @@ fn client_config(
         builder
             .dangerous()
             .with_custom_certificate_verifier(verifier)
-            .with_no_client_auth()
     } else {
         builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
-            .with_no_client_auth()
     };
-    Ok(config)
+    match identity {
+        Some((chain, key)) => config
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("sslcert and sslkey do not make a client certificate: {e}")),
+        None => Ok(config.with_no_client_auth()),
+    }
 }
 
 fn load_roots(path: &PathBuf) -> Result<RootCertStore, String> {
@@ -227,6 +260,31 @@ fn load_roots(path: &PathBuf) -> Result<RootCertStore, String> {
         ));
     }
     Ok(roots)
+}
+
+type Identity = (
+    Vec<CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+fn load_identity((cert, key): &(PathBuf, PathBuf)) -> Result<Identity, String> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("cannot read sslcert file {}: {e}", cert.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("sslcert file {} is not PEM: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "sslcert file {} holds no certificate",
+            cert.display()
+        ));
+    }
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).map_err(|e| {
+        format!(
+            "cannot read the private key in sslkey file {} (PKCS#8, PKCS#1 or SEC1 PEM): {e}",
+            key.display()
+        )
+    })?;
+    Ok((chain, key))
 }
 
 /// `verify-ca`: the chain must lead to a trusted CA; the name is not checked.
@@ -466,6 +524,8 @@ mod tests {
         assert!(e.contains("sslmode `strict`"), "{e}");
         let e = PgUrl::parse("postgres://u@h/db?sslmode=verify-ca").unwrap_err();
         assert!(e.contains("sslrootcert"), "{e}");
+        let e = PgUrl::parse("postgres://u@h/db?sslcert=/c.pem").unwrap_err();
+        assert!(e.contains("sslcert and sslkey go together"), "{e}");
     }
 
     #[test]
