@@ -505,8 +505,9 @@ async fn prepare_pg(
     let store = FileCheckpointStore::new(&cfg.state_dir(), &cfg.config.name);
     let mut source = PgSource::connect(settings(cfg, pg), store).await?;
     report.push(format!(
-        "postgres: connected to database {} (wal_level=logical, role may replicate)",
-        source.database()
+        "postgres: connected to database {} over {} (wal_level=logical, role may replicate)",
+        source.database(),
+        source.transport()
     ));
     let names: Vec<String> = mappings
         .iter()

@@ -246,6 +246,11 @@ async fn verify_full_against_the_servers_ca_streams_over_tls() {
     let (cluster, _certs, ca) = tls_cluster(HBA_TLS_ONLY).await;
     let url = verify_full_url(&cluster, "shop", &ca);
     let (_dir, cfg, topic) = pipeline(&stack, &url);
+    let report = unilog::pipeline::check(&cfg).await.expect("check");
+    assert!(
+        report.iter().any(|l| l.contains("over TLS (TLSv1.3)")),
+        "check does not show TLS: {report:?}"
+    );
     let slot = cfg.slot();
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

@@ -169,6 +169,8 @@ pub struct PgSource {
     /// The server's WAL end, from data and keepalives.
     server_end: Lsn,
     acked: Lsn,
+    /// The TLS version of the ordinary connection; `None`: plain TCP.
+    tls: Option<String>,
 }
 
 /// The server's own words for an error (`password authentication failed
@@ -275,7 +277,8 @@ impl PgSource {
         let row = client
             .query_one(
                 "SELECT current_database()::text, current_setting('wal_level'), current_user::text,
-                        (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+                        (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                        (SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl)",
                 &[],
             )
             .await
@@ -284,6 +287,7 @@ impl PgSource {
         let wal_level: String = row.get(1);
         let user: String = row.get(2);
         let can_replicate: Option<bool> = row.get(3);
+        let tls: Option<String> = row.get(4);
         if wal_level != "logical" {
             return Err(PgError::Setup(format!(
                 "wal_level is `{wal_level}`; set `wal_level = logical` in postgresql.conf and restart the server"
@@ -311,6 +315,7 @@ impl PgSource {
             dirty: false,
             server_end: Lsn(0),
             acked: Lsn(0),
+            tls,
         })
     }
 
@@ -330,6 +335,15 @@ impl PgSource {
             self.state.slot,
             self.state.slot_created_at.as_deref().unwrap_or("unknown")
         )
+    }
+
+    /// How the connection is protected, for reports: `TLS (TLSv1.3)` or
+    /// `plain TCP (no TLS)`.
+    pub fn transport(&self) -> String {
+        match &self.tls {
+            Some(v) => format!("TLS ({v})"),
+            None => "plain TCP (no TLS)".into(),
+        }
     }
 
     /// The database name.
