@@ -592,7 +592,7 @@ async fn open_sink(cfg: &LoadedConfig, mapper: &Mapper) -> Result<KafkaSink, Pip
     let kafka = &cfg.config.kafka;
     let sink = KafkaSink::new(&kafka.brokers, &kafka.properties)?;
     sink.check_connection(Duration::from_secs(10)).await?;
-    let sink = if kafka.exactly_once {
+    if kafka.exactly_once {
         ensure_progress_topic(
             &kafka.brokers,
             &kafka.properties,
@@ -600,11 +600,7 @@ async fn open_sink(cfg: &LoadedConfig, mapper: &Mapper) -> Result<KafkaSink, Pip
             kafka.replication_factor,
         )
         .await?;
-        let id = format!("unilog-{}", cfg.config.name);
-        KafkaSink::transactional(&kafka.brokers, &kafka.properties, &id).await?
-    } else {
-        sink
-    };
+    }
     let mut topics = mapper.topics();
     if cfg.config.on_bad_row == BadRowPolicy::DeadLetter {
         topics.push(cfg.dead_letter_topic());
@@ -694,10 +690,21 @@ async fn run_pg(
         tracing::info!("{line}");
     }
     let sink = open_sink(cfg, &mapper).await?;
-    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
     let batch = &cfg.config.batch;
+    let opened = source.open(&tables).await?;
+    // Exactly once: the transactional producer fences any other producer
+    // of this pipeline, so it starts only once this process got the slot
+    // (a second process stops at "slot in use" without fencing the first).
+    let sink = if cfg.config.kafka.exactly_once {
+        let kafka = &cfg.config.kafka;
+        let id = format!("unilog-{name}");
+        KafkaSink::transactional(&kafka.brokers, &kafka.properties, &id).await?
+    } else {
+        sink
+    };
+    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
 
-    if let Some(mut snap) = source.open(&tables).await? {
+    if let Some(mut snap) = opened {
         health().set_phase(&name, Phase::Snapshot);
         while let Some(events) = snap.next_batch(batch.max_events).await? {
             health().beat();
@@ -723,7 +730,8 @@ async fn run_pg(
         tracing::info!(rows = snap.rows(), "initial snapshot delivered");
     }
     if let Some(eo) = publisher.exactly_once.as_mut() {
-        eo.committed = committed_progress(cfg, &eo.topic, source.slot_incarnation()).await?;
+        eo.committed =
+            committed_progress(cfg, publisher.sink, &eo.topic, source.slot_incarnation()).await?;
     }
     source.start_streaming().await?;
     health().set_phase(&name, Phase::Streaming);
@@ -828,18 +836,42 @@ where
 }
 
 /// What the progress topic says this life of the slot committed last.
-async fn committed_progress(
+///
+/// It first commits a start marker (key `<name>.start`, a fresh value) to
+/// the progress topic, then reads up to that marker: every transaction of
+/// an earlier process is resolved before it, so the last progress record
+/// read is the last one committed.
+async fn committed_progress<K: Sink>(
     cfg: &LoadedConfig,
+    sink: &K,
     topic: &str,
     incarnation: String,
 ) -> Result<Progress, PipelineError> {
     let kafka = &cfg.config.kafka;
+    let name = &cfg.config.name;
+    let fence_key = format!("{name}.start").into_bytes();
+    let fence_value = format!(
+        "{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    )
+    .into_bytes();
+    sink.write_atomic(
+        Vec::new(),
+        Some(ProgressRecord {
+            topic: topic.to_string(),
+            key: fence_key.clone(),
+            value: fence_value.clone(),
+        }),
+    )
+    .await?;
     let last = read_last(
         &kafka.brokers,
         &kafka.properties,
         topic,
-        cfg.config.name.as_bytes(),
-        Duration::from_secs(2),
+        name.as_bytes(),
+        (fence_key, fence_value),
+        Duration::from_secs(60),
     )
     .await?;
     let fresh = Progress {

@@ -339,14 +339,19 @@ impl Sink for KafkaSink {
 }
 
 /// Reads the last value written under `key` to partition 0 of `topic`,
-/// committed transactions only. Reads until the topic stayed quiet for
-/// `quiet`, since end offsets are not trusted on every broker.
+/// committed transactions only, up to the record `fence` (key and value),
+/// which the caller committed just before. A partition is read in order
+/// and `read_committed` stops at the first unresolved transaction, so once
+/// the fence is read every transaction before it has been seen: end
+/// offsets, which not every broker reports reliably, are not needed.
+/// Fails when the fence does not show up within `timeout`.
 pub async fn read_last(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topic: &str,
     key: &[u8],
-    quiet: Duration,
+    fence: (Vec<u8>, Vec<u8>),
+    timeout: Duration,
 ) -> Result<Option<Vec<u8>>, SinkError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
@@ -383,20 +388,27 @@ pub async fn read_last(
             .map_err(|e| err(e.to_string()))?;
         consumer.assign(&tpl).map_err(|e| err(e.to_string()))?;
         let mut last = None;
-        let mut since = std::time::Instant::now();
-        while since.elapsed() < quiet {
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(m)) => {
+                    if m.key() == Some(fence.0.as_slice())
+                        && m.payload() == Some(fence.1.as_slice())
+                    {
+                        return Ok(last);
+                    }
                     if m.key() == Some(key.as_slice()) {
                         last = m.payload().map(<[u8]>::to_vec);
                     }
-                    since = std::time::Instant::now();
                 }
                 Some(Err(e)) => return Err(err(e.to_string())),
                 None => {}
             }
         }
-        Ok(last)
+        Err(err(format!(
+            "the start marker this process committed did not arrive within {} s",
+            timeout.as_secs()
+        )))
     })
     .await
     .map_err(|e| err2(e.to_string()))?
