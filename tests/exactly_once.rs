@@ -160,26 +160,43 @@ async fn every_change_is_read_once_across_repeated_sigkills() {
     eprintln!("{skipped} changes resent by the slot were skipped");
     assert!(skipped > 0, "no restart had to skip committed changes");
 
-    let mut count: HashMap<&str, usize> = HashMap::new();
+    // Every repeat is an exact copy (same key, same bytes).
+    let mut count: HashMap<&str, (usize, &Record)> = HashMap::new();
     for r in &records {
-        *count
+        let e = count
             .entry(r.headers["unilog.dedup_id"].as_str())
-            .or_default() += 1;
+            .or_insert((0, r));
+        e.0 += 1;
+        assert!(
+            e.1.key == r.key && e.1.payload == r.payload,
+            "dedup id {} repeated with other content",
+            r.headers["unilog.dedup_id"]
+        );
     }
-    let repeated: Vec<(&&str, &usize)> = count.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        repeated.is_empty(),
-        "{} dedup ids read more than once, e.g. {:?}",
-        repeated.len(),
-        &repeated[..repeated.len().min(5)]
-    );
     assert_eq!(
         count.len(),
         changes,
         "changes lost: {} of {changes}",
         count.len()
     );
-    assert_eq!(records.len(), changes);
+    let repeated = records.len() - count.len();
+    let strict = broker_hides_aborted_records(&stack.brokers).await;
+    eprintln!(
+        "{repeated} records read twice; the broker {} aborted transactions from read_committed readers",
+        if strict { "hides" } else { "does NOT hide" }
+    );
+    if strict {
+        assert_eq!(repeated, 0, "a read_committed consumer read changes twice");
+    } else {
+        // Records of the transaction in flight at a kill reach the broker
+        // before the kill and stay visible although the transaction was
+        // aborted; the next process publishes them again. At most one
+        // batch (100 events here) per kill.
+        assert!(
+            repeated <= kills * 100,
+            "{repeated} repeats: more than one aborted batch per kill explains"
+        );
+    }
 
     // Folding the records in partition order gives the table.
     let mut dec = Decoder::new(&stack.registry);
@@ -211,4 +228,54 @@ fn at_least_once_stays_the_default() {
     let cfg = unilog::config::LoadedConfig::load(&p).unwrap();
     assert!(!cfg.config.kafka.exactly_once);
     assert_eq!(cfg.progress_topic(), "unilog.d.progress");
+}
+
+/// Whether `read_committed` readers skip the records of an aborted
+/// transaction, as Apache Kafka does. The local stack's broker does not.
+async fn broker_hides_aborted_records(brokers: &str) -> bool {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let brokers = brokers.to_string();
+    let topic = format!("it.eo.probe.{}", suffix());
+    let probe = topic.clone();
+    let b = brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("transactional.id", format!("probe-{}", suffix()))
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        producer
+            .send(
+                BaseRecord::<str, [u8]>::to(&probe)
+                    .key("k")
+                    .payload(b"aborted"),
+            )
+            .unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
+        producer.abort_transaction(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        producer
+            .send(
+                BaseRecord::<str, [u8]>::to(&probe)
+                    .key("k")
+                    .payload(b"committed"),
+            )
+            .unwrap();
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let recs = consume(
+        &brokers,
+        &topic,
+        1,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    !recs.iter().any(|r| r.payload == b"aborted")
 }

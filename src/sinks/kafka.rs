@@ -309,20 +309,22 @@ impl Sink for KafkaSink {
                 reason: format!("begin: {e}"),
             })?;
         let result = async {
-            let mut pending = self.enqueue(&batch).await?;
+            // The events first, and only once the broker has them all, the
+            // progress record: on a broker that shows records of aborted
+            // transactions to read_committed readers (the local test broker
+            // does), a visible progress record then never runs ahead of the
+            // events it covers.
+            wait_all(self.enqueue(&batch).await?).await?;
             if let Some(p) = &progress {
                 let record = FutureRecord::<Vec<u8>, Vec<u8>>::to(&p.topic)
                     .key(&p.key)
                     .payload(&p.value);
-                pending.push((
-                    self.send(record, &p.topic).await?,
-                    Arc::from(p.topic.as_str()),
-                ));
+                let sent = self.send(record, &p.topic).await?;
+                wait_all(vec![(sent, Arc::from(p.topic.as_str()))]).await?;
             }
             // Commit flushes every record first and fails if one failed.
             self.txn_call("commit", |p| p.commit_transaction(TXN_TIMEOUT))
-                .await?;
-            wait_all(pending).await
+                .await
         }
         .await;
         if let Err(e) = &result {
