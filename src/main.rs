@@ -13,6 +13,7 @@ use unilog::checkpoint::{
     mongo_state_path, read_json, write_json, CheckpointStore, FileCheckpointStore, MongoCheckpoint,
 };
 use unilog::config::LoadedConfig;
+use unilog::indexer::config::LoadedIndexerConfig;
 use unilog::mapping::registry::RegistryClient;
 use unilog::mapping::spec::LoadedMapping;
 use unilog::pipeline;
@@ -60,6 +61,43 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Build a derived stream from two topics: every change on either side
+    /// re-emits the joined record of its key, exactly once (Kafka
+    /// transactions), with state restored from a changelog topic.
+    Join {
+        /// The joiner file (see config/examples/join/join.yaml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Keep search indexes in step with topics: `_bulk` with the record key
+    /// as document id and the offset as an external version, deletes for
+    /// delete events and tombstones, refused documents to a dead-letter
+    /// topic. Serves `/search/<alias>?q=...` when `http.listen` is set.
+    Index {
+        /// The indexer file (see config/examples/index/index.yaml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Rebuild an index by replaying its topic into a new versioned index,
+    /// then swap the alias atomically (blue/green).
+    Reindex {
+        /// The indexer file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The alias to rebuild (default: the file's only one).
+        #[arg(long)]
+        alias: Option<String>,
+        /// Keep the previous index after the swap.
+        #[arg(long)]
+        keep_old: bool,
+        /// Seconds to go on replaying into the new index after the swap, for
+        /// writes the live indexer had in flight to the old one.
+        #[arg(long, default_value_t = 10)]
+        settle_secs: u64,
+        /// No progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// Show a pipeline's delivered position: for PostgreSQL its replication
     /// slot, lag and retained WAL; for MongoDB its copy progress and
     /// cluster time.
@@ -92,6 +130,24 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run { config } => run(config).await,
             Command::Check { config } => check(config).await,
+            Command::Index { config } => index(config).await,
+            Command::Join { config } => join(config).await,
+            Command::Reindex {
+                config,
+                alias,
+                keep_old,
+                settle_secs,
+                no_progress,
+            } => {
+                reindex(
+                    config,
+                    alias,
+                    keep_old,
+                    std::time::Duration::from_secs(settle_secs),
+                    !no_progress,
+                )
+                .await
+            }
             Command::Status { config, json } => match status(config, json).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -188,6 +244,221 @@ async fn run(config: PathBuf) -> ExitCode {
                 eprintln!("error: {e}");
                 return ExitCode::from(1);
             }
+        }
+    }
+}
+
+/// A stop flag set by SIGINT/SIGTERM; a second signal exits at once.
+fn stop_on_signal() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("stop requested; finishing the current batch");
+        flag.store(true, Ordering::Relaxed);
+        tokio::select! {
+            () = wait_for_signal() => tracing::warn!("second stop request; exiting"),
+            () = tokio::time::sleep(SHUTDOWN_BOUND) => tracing::error!("could not stop within the shutdown bound; exiting"),
+        }
+        std::process::exit(130);
+    });
+    stop
+}
+
+fn load_indexer(config: &std::path::Path) -> Result<Arc<LoadedIndexerConfig>, ExitCode> {
+    LoadedIndexerConfig::load(config)
+        .map(Arc::new)
+        .map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        })
+}
+
+async fn join(config: PathBuf) -> ExitCode {
+    let cfg = match unilog::joiner::config::LoadedJoinerConfig::load(&config) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let stop = stop_on_signal();
+    let span = tracing::info_span!("joiner", joiner = %cfg.config.name);
+    retrying(
+        "joiner",
+        &cfg.config.name,
+        &stop,
+        || unilog::joiner::run(cfg.clone(), stop.clone()).instrument(span.clone()),
+        |e| e.is_transient(),
+        |e| if e.is_setup() { 2 } else { 1 },
+    )
+    .await
+}
+
+/// Runs a companion command until it ends: transient failures are retried
+/// with backoff (reset after a minute of running), anything else stops
+/// with the reason and `exit_code`.
+async fn retrying<T, E, Fut>(
+    what: &str,
+    name: &str,
+    stop: &AtomicBool,
+    mut run: impl FnMut() -> Fut,
+    transient: impl Fn(&E) -> bool,
+    exit_code: impl Fn(&E) -> u8,
+) -> ExitCode
+where
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut attempt = 0u32;
+    loop {
+        let started = std::time::Instant::now();
+        match run().await {
+            Ok(_) => return ExitCode::SUCCESS,
+            Err(e) if transient(&e) && !stop.load(Ordering::Relaxed) => {
+                if started.elapsed() > std::time::Duration::from_secs(60) {
+                    attempt = 0;
+                }
+                attempt += 1;
+                let delay = backoff(attempt);
+                tracing::warn!(error = %e, attempt, retry_in_secs = delay.as_secs_f64(), "{what} failed; retrying");
+                unilog::telemetry::health().failed(name, &e.to_string());
+                tokio::time::sleep(delay).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "{what} stopped");
+                eprintln!("error: {e}");
+                return ExitCode::from(exit_code(&e));
+            }
+        }
+    }
+}
+
+async fn index(config: PathBuf) -> ExitCode {
+    let cfg = match load_indexer(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let stop = stop_on_signal();
+    if let Some(h) = cfg.config.http.clone() {
+        let Ok(addr) = h.listen.parse() else {
+            eprintln!("error: http.listen `{}` is not an address", h.listen);
+            return ExitCode::from(2);
+        };
+        let c = &cfg.config;
+        let state = if h.search {
+            match unilog::indexer::search::SearchClient::new(
+                &c.search.url,
+                c.search.username.clone(),
+                c.search.password.clone(),
+                std::time::Duration::from_secs(c.search.timeout_secs),
+            ) {
+                Ok(search) => Some(unilog::indexer::http::SearchState {
+                    search,
+                    aliases: c.indexes.iter().map(|i| i.alias.clone()).collect(),
+                    default_size: h.default_size,
+                }),
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        } else {
+            None
+        };
+        tokio::spawn(async move {
+            if let Err(e) =
+                unilog::indexer::http::serve(addr, state, std::time::Duration::from_secs(60)).await
+            {
+                tracing::error!(error = %e, address = %addr, "cannot serve the http endpoint");
+            }
+        });
+    }
+    let span = tracing::info_span!("indexer", indexer = %cfg.config.name);
+    retrying(
+        "indexer",
+        &cfg.config.name,
+        &stop,
+        || unilog::indexer::run(cfg.clone(), stop.clone()).instrument(span.clone()),
+        unilog::indexer::IndexError::is_transient,
+        |e| {
+            if matches!(
+                e,
+                unilog::indexer::IndexError::Config(_) | unilog::indexer::IndexError::Usage(_)
+            ) {
+                2
+            } else {
+                1
+            }
+        },
+    )
+    .await
+}
+
+async fn reindex(
+    config: PathBuf,
+    alias: Option<String>,
+    keep_old: bool,
+    settle: std::time::Duration,
+    progress: bool,
+) -> ExitCode {
+    let cfg = match load_indexer(&config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let alias = match (alias, cfg.config.indexes.as_slice()) {
+        (Some(a), _) => a,
+        (None, [only]) => only.alias.clone(),
+        (None, many) => {
+            eprintln!(
+                "error: {} has {} indexes; name one with --alias ({})",
+                config.display(),
+                many.len(),
+                many.iter()
+                    .map(|i| i.alias.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let opts = unilog::indexer::reindex::ReindexOptions {
+        alias,
+        keep_old,
+        settle,
+        progress: progress && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+    };
+    match unilog::indexer::reindex::reindex(cfg, &opts).await {
+        Ok(r) => {
+            println!(
+                "reindexed {} records into {} (indexed {}, deleted {}, stale {}, dead-lettered {}); alias {} now points to it",
+                r.records, r.index, r.stats.indexed, r.stats.deleted, r.stats.stale, r.stats.dead_lettered, opts.alias
+            );
+            if !r.previous.is_empty() {
+                println!(
+                    "previous index {}: {}",
+                    r.previous.join(", "),
+                    if r.dropped_previous {
+                        "dropped"
+                    } else {
+                        "kept"
+                    }
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(
+                if matches!(
+                    e,
+                    unilog::indexer::IndexError::Config(_) | unilog::indexer::IndexError::Usage(_)
+                ) {
+                    2
+                } else {
+                    1
+                },
+            )
         }
     }
 }
@@ -360,6 +631,23 @@ async fn mongo_status(cfg: &LoadedConfig, json: bool) -> anyhow::Result<()> {
     let state: MongoCheckpoint = read_json(&path)?.unwrap_or_default();
     let topics = topics(cfg).await?;
     let ts = |v: &Option<serde_json::Value>| v.as_ref().map(|t| format!("{}.{}", t["t"], t["i"]));
+    // How long the pipeline may stay stopped before its position leaves the oplog.
+    let delivered_secs = state
+        .delivered_ts
+        .as_ref()
+        .and_then(|t| t["t"].as_u64())
+        .and_then(|t| u32::try_from(t).ok());
+    #[allow(clippy::cast_precision_loss)]
+    let headroom: Result<Option<f64>, String> =
+        match (cfg.config.source.mongo.as_ref(), delivered_secs) {
+            (Some(m), Some(secs)) => {
+                unilog::sources::mongo_oplog::oplog_headroom_secs(&m.url, secs)
+                    .await
+                    .map(|s| Some(s as f64 / 3600.0))
+                    .map_err(|e| e.to_string())
+            }
+            _ => Ok(None),
+        };
     if json {
         let v = serde_json::json!({
             "pipeline": cfg.config.name,
@@ -370,6 +658,8 @@ async fn mongo_status(cfg: &LoadedConfig, json: bool) -> anyhow::Result<()> {
             "copy_started_at": ts(&state.copy_started_at),
             "delivered_cluster_time": ts(&state.delivered_ts),
             "has_resume_token": state.resume_token.is_some(),
+            "oplog_headroom_hours": headroom.as_ref().ok().copied().flatten(),
+            "oplog_headroom_error": headroom.as_ref().err(),
             "last_error": state.last_error,
             "topics": topics,
         });
@@ -393,6 +683,14 @@ async fn mongo_status(cfg: &LoadedConfig, json: bool) -> anyhow::Result<()> {
             },
         ),
         ("delivered", show(ts(&state.delivered_ts))),
+        (
+            "oplog headroom",
+            match &headroom {
+                Ok(Some(h)) => format!("{h:.1} hours of oplog behind the delivered position"),
+                Ok(None) => "-".into(),
+                Err(e) => format!("unknown: {e}"),
+            },
+        ),
         ("last error", show(state.last_error.clone())),
     ];
     print_status(&lines, &topics);

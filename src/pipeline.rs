@@ -742,6 +742,23 @@ async fn run_pg(
     Ok(publisher.stats)
 }
 
+/// Acknowledges every delivered position, in order (a source may need each:
+/// MongoDB's copy positions say which collection is done). Returns whether
+/// there was any.
+fn ack_all<S: Source>(
+    source: &mut S,
+    stats: &mut RunStats,
+    acks: &[S::Position],
+) -> Result<bool, S::Error> {
+    for p in acks {
+        source.ack(p.clone())?;
+    }
+    if let Some(last) = acks.last() {
+        stats.last_acked = Some(last.to_string());
+    }
+    Ok(!acks.is_empty())
+}
+
 /// The streaming loop shared by every source: read a batch, publish it,
 /// acknowledge what Kafka confirmed; on stop (or error), drain and
 /// acknowledge what was delivered, then close the source.
@@ -771,13 +788,7 @@ where
             } else {
                 publisher.publish(b.events, b.position).await?
             };
-            // Every position, in order: a source may need each (MongoDB's
-            // copy positions say which collection is done).
-            for p in &acks {
-                source.ack(p.clone())?;
-            }
-            if let Some(last) = acks.last() {
-                publisher.stats.last_acked = Some(last.to_string());
+            if ack_all(source, &mut publisher.stats, &acks)? {
                 health().progressed();
                 #[allow(clippy::cast_precision_loss)]
                 metrics().set(
@@ -812,12 +823,7 @@ where
     // Whatever happened, acknowledge what was delivered.
     let drained = publisher.drain().await;
     if let Ok(acks) = &drained {
-        for p in acks {
-            source.ack(p.clone())?;
-        }
-        if let Some(last) = acks.last() {
-            publisher.stats.last_acked = Some(last.to_string());
-        }
+        ack_all(source, &mut publisher.stats, acks)?;
     }
     source.shutdown().await?;
     result?;

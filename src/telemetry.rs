@@ -151,6 +151,18 @@ pub mod names {
     pub const LAST_PROGRESS: &str = "unilog_last_progress_timestamp_seconds";
     /// 1 for the pipeline's current phase (starting, snapshot, streaming, stopped, failed).
     pub const PIPELINE_PHASE: &str = "unilog_pipeline_phase";
+    /// Documents the indexer wrote, by result (indexed, deleted, stale, dead_lettered).
+    pub const INDEX_DOCUMENTS: &str = "unilog_index_documents_total";
+    /// `_bulk` requests (or parts of them) the indexer sent again after 429/5xx.
+    pub const INDEX_RETRIES: &str = "unilog_index_retries_total";
+    /// One batch of the indexer, from the first `_bulk` to the last confirmation.
+    pub const INDEX_BULK_SECONDS: &str = "unilog_index_bulk_seconds";
+    /// Records the joiner read, by side (left, right, rekeyed).
+    pub const JOIN_RECORDS_READ: &str = "unilog_join_records_read_total";
+    /// Joined records the joiner committed to its output topic.
+    pub const JOIN_RECORDS_OUT: &str = "unilog_join_records_out_total";
+    /// State entries the joiner restored from its changelog.
+    pub const JOIN_STATE_RESTORED: &str = "unilog_join_state_restored_total";
 }
 
 /// Histogram buckets in seconds.

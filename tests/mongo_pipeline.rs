@@ -46,6 +46,11 @@ fn by_key(decoded: &[Json]) -> BTreeMap<String, Vec<&Json>> {
 
 async fn every_operation(mode: &str) {
     let stack = Stack::from_env();
+    let port = support::free_port();
+    tokio::spawn(unilog::http::serve(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_secs(60),
+    ));
     let fx = MongoFixture::new(&stack, mode, "", "").await;
     let users = fx.users();
     let (u1, u2) = (user(1), user(2));
@@ -101,6 +106,28 @@ async fn every_operation(mode: &str) {
     users.insert_one(u6.clone()).await.unwrap();
 
     let (_, all) = read(&stack, &fx.topic, 12).await;
+    // How long the pipeline could stay stopped: the oplog behind its position.
+    let started = std::time::Instant::now();
+    let headroom = loop {
+        let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if let Some(line) = metrics.lines().find(|l| {
+            l.starts_with("unilog_mongo_oplog_headroom_seconds") && l.contains(fx.name.as_str())
+        }) {
+            break line.to_string();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no headroom gauge in:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let secs: f64 = headroom.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(secs >= 0.0, "{headroom}");
     let stats = running.stop().await;
     let kinds: Vec<(String, String)> = all
         .iter()
@@ -173,6 +200,22 @@ async fn every_operation(mode: &str) {
         .iter()
         .all(|i| i.starts_with(&format!("mongo/{}/", fx.db))));
 
+    // `status` reads the saved position and the oplog headroom behind it.
+    let out = support::unilog_output(&["status", "--json"], &fx.config);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Json = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["mode"], mode);
+    assert_eq!(status["copy_complete"], true);
+    assert!(status["delivered_cluster_time"].is_string(), "{status}");
+    assert!(
+        status["oplog_headroom_hours"].as_f64().unwrap() >= 0.0,
+        "{status}"
+    );
+
     // The misfit: in the dead-letter topic, with collection, _id and field.
     assert_eq!(stats.dead_lettered, 1);
     let dl = consume(&stack.brokers, &fx.dead_letter_topic(), 1, QUIET, TIMEOUT).await;
@@ -215,15 +258,20 @@ fn final_state(decoded: &[Json]) -> BTreeMap<String, Json> {
     out
 }
 
-async fn copy_with_concurrent_writes(mode: &str) {
-    let stack = Stack::from_env();
-    let fx = MongoFixture::new(
-        &stack,
+/// Batches of 100, so a copy takes many batches (and many positions).
+async fn small_batches(stack: &Stack, mode: &str) -> MongoFixture {
+    MongoFixture::new(
+        stack,
         mode,
         "",
         "batch:\n  max_events: 100\n  max_wait_ms: 10\n",
     )
-    .await;
+    .await
+}
+
+async fn copy_with_concurrent_writes(mode: &str) {
+    let stack = Stack::from_env();
+    let fx = small_batches(&stack, mode).await;
     let users = fx.users();
     let docs: Vec<Document> = (0..3000).map(user).collect();
     users.insert_many(docs.clone()).await.unwrap();
@@ -290,16 +338,26 @@ async fn oplog_copy_and_concurrent_writes_end_in_the_final_state() {
     copy_with_concurrent_writes("oplog").await;
 }
 
+/// Starts `unilog run`; its log goes to `unilog.log` beside the config.
 fn spawn_unilog(fx: &MongoFixture) -> support::Killed {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(fx.dir.path().join("unilog.log"))
+        .unwrap();
     support::Killed(
         std::process::Command::new(support::unilog_bin())
             .args(["run", "--config"])
             .arg(&fx.config)
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("start unilog"),
     )
+}
+
+fn unilog_log(fx: &MongoFixture) -> String {
+    std::fs::read_to_string(fx.dir.path().join("unilog.log")).unwrap_or_default()
 }
 
 fn kill9(child: &mut support::Killed) {
@@ -313,13 +371,7 @@ fn kill9(child: &mut support::Killed) {
 /// repeat carries the same dedup id and the same bytes.
 async fn kill_and_restart(mode: &str) {
     let stack = Stack::from_env();
-    let fx = MongoFixture::new(
-        &stack,
-        mode,
-        "",
-        "batch:\n  max_events: 100\n  max_wait_ms: 10\n",
-    )
-    .await;
+    let fx = small_batches(&stack, mode).await;
     let users = fx.users();
     let initial: Vec<Document> = (0..4000).map(user).collect();
     users.insert_many(initial.clone()).await.unwrap();
@@ -333,7 +385,11 @@ async fn kill_and_restart(mode: &str) {
         if state.contains("copy_progress") {
             break;
         }
-        assert!(start.elapsed() < TIMEOUT, "the copy made no progress");
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the copy made no progress; unilog's log:\n{}",
+            unilog_log(&fx)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     kill9(&mut child);
@@ -477,4 +533,119 @@ async fn change_streams_lost_position_takes_the_configured_path() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oplog_lost_position_takes_the_configured_path() {
     lost_position("oplog").await;
+}
+
+/// Bad MongoDB input: a clear error naming what to change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_bad_input_is_refused_clearly() {
+    let stack = Stack::from_env();
+    // A mapping without declared fields.
+    let fx = MongoFixture::new(&stack, "change_streams", "", "").await;
+    std::fs::write(
+        fx.dir.path().join("users.yaml"),
+        format!(
+            "table: {}.users\ntopic: {}\nevents: {{insert: A, update: B, delete: C}}\n",
+            fx.db, fx.topic
+        ),
+    )
+    .unwrap();
+    let out = support::unilog_output(&["check"], &fx.config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("users.yaml:1: field `table`: a MongoDB collection has no catalog: declare its fields under `fields:`"), "{err}");
+
+    // Nothing listens: a bounded wait, then the URL (without password) and what to check.
+    let port = support::free_port();
+    let url =
+        format!("mongodb://app:s3cret@127.0.0.1:{port}/?replicaSet=rs0&directConnection=true");
+    let fx = MongoFixture::with_url(&stack, &url, "change_streams", "", "").await;
+    let out = support::unilog_output(&["check"], &fx.config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot connect to MongoDB at mongodb://app:***@127.0.0.1:{port}/"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("check source.mongo.url"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+
+    // A mode switch under an existing state.
+    let fx = MongoFixture::new(&stack, "change_streams", "", "").await;
+    fx.users().insert_one(user(1)).await.unwrap();
+    let running = fx.start();
+    let _ = read(&stack, &fx.topic, 1).await;
+    running.stop().await;
+    write_config(&fx.config, &stack, &fx.name, &fx.url, "oplog", "", "");
+    let err = fx
+        .start()
+        .handle
+        .await
+        .unwrap()
+        .expect_err("a mode switch is refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("was written in `change_streams` mode, and source.mongo.mode is now `oplog`"),
+        "{msg}"
+    );
+    assert!(!err.is_transient());
+    fx.cleanup().await;
+}
+
+/// What an update's `after` holds, by `full_document`: the document when
+/// read (`update_lookup`), the post-image of the change itself
+/// (`when_available`), or only the fields the update set (`none`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_document_modes_give_what_they_say() {
+    let stack = Stack::from_env();
+    for (mode, first_age, email_kept) in [
+        ("update_lookup", 20, true),
+        ("when_available", 10, true),
+        ("none", 10, false),
+    ] {
+        let fx = MongoFixture::new(
+            &stack,
+            "change_streams",
+            &format!("    full_document: {mode}\n"),
+            "",
+        )
+        .await;
+        let users = fx.users();
+        let u = user(1);
+        users.insert_one(u.clone()).await.unwrap();
+        let running = fx.start();
+        let _ = read(&stack, &fx.topic, 1).await;
+        running.stop().await;
+        // Two updates while unilog is stopped: when it reads the first, the
+        // document already has the second.
+        for age in [10, 20] {
+            users
+                .update_one(
+                    doc! {"_id": u.get("_id").unwrap()},
+                    doc! {"$set": {"age": age}},
+                )
+                .await
+                .unwrap();
+        }
+        let running = fx.start();
+        let (_, all) = read(&stack, &fx.topic, 3).await;
+        running.stop().await;
+        let updates: Vec<&Json> = all.iter().filter(|d| d["op"] == "update").collect();
+        assert_eq!(updates.len(), 2, "{mode}: {all:?}");
+        assert_eq!(updates[0]["after"]["age"], first_age, "{mode}");
+        assert_eq!(updates[1]["after"]["age"], 20, "{mode}");
+        assert_eq!(
+            updates[0]["after"]["email"] == "u1@example.com",
+            email_kept,
+            "{mode}: {}",
+            updates[0]["after"]
+        );
+        assert_eq!(
+            updates[0]["changed_fields"],
+            serde_json::json!(["age"]),
+            "{mode}"
+        );
+        fx.cleanup().await;
+    }
 }

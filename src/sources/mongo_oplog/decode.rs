@@ -662,6 +662,117 @@ mod tests {
         assert_eq!(token_time(&doc! {}), None);
     }
 
+    /// A random value built from the keys these decoders look at, nested
+    /// a few levels, of every BSON type.
+    fn random_bson(rng: &mut impl rand::Rng, depth: u32) -> Bson {
+        const KEYS: [&str; 24] = [
+            "op",
+            "ts",
+            "o",
+            "o2",
+            "ns",
+            "_id",
+            "applyOps",
+            "partialTxn",
+            "prepare",
+            "lsid",
+            "txnNumber",
+            "diff",
+            "$v",
+            "$set",
+            "$unset",
+            "u",
+            "i",
+            "d",
+            "a",
+            "l",
+            "sx",
+            "u0",
+            "operationType",
+            "clusterTime",
+        ];
+        let pick = if depth == 0 {
+            8
+        } else {
+            rng.random_range(0..if depth > 3 { 8 } else { 11 })
+        };
+        match pick {
+            0 => Bson::Null,
+            1 => Bson::Int32(rng.random_range(-3..300)),
+            2 => Bson::Int64(rng.random()),
+            3 => Bson::Boolean(rng.random()),
+            4 => Bson::String(
+                [
+                    "i",
+                    "u",
+                    "d",
+                    "c",
+                    "n",
+                    "x",
+                    "db.c",
+                    "admin.$cmd",
+                    "",
+                    "insert",
+                    "update",
+                ][rng.random_range(0..11)]
+                .to_string(),
+            ),
+            5 => Bson::Timestamp(Timestamp {
+                time: rng.random(),
+                increment: rng.random(),
+            }),
+            6 => Bson::Double(rng.random()),
+            7 => Bson::Binary(bson::Binary {
+                subtype: bson::spec::BinarySubtype::Generic,
+                bytes: vec![1, 2, 3],
+            }),
+            8 | 9 => {
+                let mut d = Document::new();
+                for _ in 0..rng.random_range(0..6) {
+                    d.insert(
+                        KEYS[rng.random_range(0..KEYS.len())],
+                        random_bson(rng, depth + 1),
+                    );
+                }
+                Bson::Document(d)
+            }
+            _ => Bson::Array(
+                (0..rng.random_range(0..4))
+                    .map(|_| random_bson(rng, depth + 1))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn random_documents_never_panic_the_decoders() {
+        use rand::SeedableRng;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(20_261_122);
+        let table = super::super::convert::declared_table(
+            "db",
+            "c",
+            &serde_yaml::from_str(
+                "_id: object_id\na: { type: document, fields: { b: int } }\nl: { type: array, items: string }\nj: json\n",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let mut decoder = OplogDecoder::default();
+        let mut tried = 0;
+        for _ in 0..20_000 {
+            let Bson::Document(d) = random_bson(&mut rng, 0) else {
+                continue;
+            };
+            tried += 1;
+            let _ = decoder.decode(&d);
+            let _ = from_change_event(&d);
+            let _ = update_desc(&d);
+            let _ = token_time(&d);
+            let _ = super::super::convert::row(&table, &d, super::super::convert::Fit::Whole);
+        }
+        assert_eq!(tried, 20_000);
+    }
+
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let mut d = OplogDecoder::default();

@@ -225,6 +225,33 @@ impl fmt::Display for MongoPosition {
     }
 }
 
+/// Seconds of oplog behind a delivered cluster time (`t` seconds): from the
+/// oplog's oldest entry to it. For `unilog status`.
+pub async fn oplog_headroom_secs(url: &str, delivered_secs: u32) -> Result<i64, MongoError> {
+    let redacted = redact_url(url);
+    let fail = |e: mongodb::error::Error| MongoError::Connect {
+        url: redacted.clone(),
+        reason: e.to_string(),
+        transient: transient(&e),
+    };
+    let mut options = mongodb::options::ClientOptions::parse(url)
+        .await
+        .map_err(fail)?;
+    options.server_selection_timeout = Some(Duration::from_secs(5));
+    let client = Client::with_options(options).map_err(fail)?;
+    let oldest = client
+        .database("local")
+        .collection::<Document>("oplog.rs")
+        .find_one(doc! {})
+        .sort(doc! {"$natural": 1})
+        .projection(doc! {"ts": 1})
+        .await
+        .map_err(|e| MongoError::read("reading local.oplog.rs", e))?
+        .and_then(|d| d.get_timestamp("ts").ok())
+        .ok_or_else(|| MongoError::Decode("local.oplog.rs is empty".into()))?;
+    Ok(i64::from(delivered_secs) - i64::from(oldest.time))
+}
+
 /// The collections a Mongo pipeline maps, as tables whose columns are the
 /// declared fields (keyed by `db.coll`).
 pub fn declared_collections(
@@ -1167,11 +1194,17 @@ impl MongoSource {
         async move {
             let oplog = client.database("local").collection::<Document>("oplog.rs");
             loop {
+                // Nothing delivered yet: nothing to measure from.
+                if delivered.load(Ordering::Relaxed) == 0 {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
                 let oldest = oplog
                     .find_one(doc! {})
                     .sort(doc! {"$natural": 1})
                     .projection(doc! {"ts": 1})
                     .await;
+                let mut next = Duration::from_secs(10);
                 match oldest {
                     Ok(Some(d)) => {
                         let at = delivered.load(Ordering::Relaxed);
@@ -1185,10 +1218,13 @@ impl MongoSource {
                             );
                         }
                     }
-                    Ok(None) => {}
-                    Err(e) => tracing::debug!(error = %e, "reading the oplog's oldest entry"),
+                    Ok(None) => next = Duration::from_secs(1),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "reading the oplog's oldest entry");
+                        next = Duration::from_secs(1);
+                    }
                 }
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(next).await;
             }
         }
     }
