@@ -356,6 +356,22 @@ pub struct PostgresConfig {
     /// Create the publication (or add missing tables to it) at start-up.
     #[serde(default = "yes")]
     pub manage_publication: bool,
+    /// What to do when the slot this pipeline streamed from is gone.
+    #[serde(default)]
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// What happens when the slot the pipeline streamed from was dropped or
+/// invalidated: the changes since the last delivered position are gone.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SlotLostPolicy {
+    /// Stop with what happened and how to recover.
+    #[default]
+    Stop,
+    /// Drop what is left of the slot, create a new one and copy the mapped
+    /// tables again, then stream.
+    Resnapshot,
 }
 
 fn yes() -> bool {
@@ -387,6 +403,12 @@ pub struct KafkaConfig {
     /// Extra librdkafka settings (`security.protocol`, `sasl.mechanism`, ...).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
+    /// Commit each batch with the position it completes in one Kafka
+    /// transaction, so `read_committed` consumers see every change once.
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// The compacted topic of committed positions; default `unilog.<name>.progress`.
+    pub progress_topic: Option<String>,
 }
 
 fn default_partitions() -> i32 {
@@ -488,6 +510,12 @@ impl LoadedConfig {
                 if m.max_await_ms == 0 {
                     return Err(self.err("source.mongo.max_await_ms", "must be at least 1"));
                 }
+                if c.kafka.exactly_once {
+                    return Err(self.err(
+                        "kafka.exactly_once",
+                        "is supported for source.postgres only so far; remove it (delivery is then at least once, with stable dedup ids)",
+                    ));
+                }
                 return self.validate_common();
             }
             (Some(_), Some(_)) => {
@@ -508,6 +536,9 @@ impl LoadedConfig {
                 "source.postgres.url",
                 "must be a URL like postgres://user:password@host:5432/database",
             ));
+        }
+        if let Err(e) = crate::sources::pg_logical::tls::PgUrl::parse(&pg.url) {
+            return Err(self.err("source.postgres.url", e));
         }
         for (field, value) in [("slot", &pg.slot), ("publication", &pg.publication)] {
             if let Some(v) = value {
@@ -612,6 +643,15 @@ impl LoadedConfig {
             .dead_letter_topic
             .clone()
             .unwrap_or_else(|| format!("unilog.{}.dead_letter", self.config.name))
+    }
+
+    /// The topic of committed positions (exactly-once delivery).
+    pub fn progress_topic(&self) -> String {
+        self.config
+            .kafka
+            .progress_topic
+            .clone()
+            .unwrap_or_else(|| format!("unilog.{}.progress", self.config.name))
     }
 
     /// Folder for local state of this pipeline.

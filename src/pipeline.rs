@@ -20,12 +20,12 @@ use crate::checkpoint::FileCheckpointStore;
 use crate::config::{
     BadRowPolicy, ConfigError, LoadedConfig, MongoConfig, PostgresConfig, SourceChoice,
 };
-use crate::event::{ChangeEvent, SourceKind, TableInfo};
+use crate::event::{ChangeEvent, Lsn, Op, SeqKey, SourceKind, TableInfo};
 use crate::mapping::registry::RegistryClient;
 use crate::mapping::spec::LoadedMapping;
 use crate::mapping::{dedup_id, DomainEvent, Mapper, MappingError};
-use crate::sinks::kafka::{ensure_topics, KafkaSink};
-use crate::sinks::{Sink, SinkError};
+use crate::sinks::kafka::{ensure_progress_topic, ensure_topics, read_last, KafkaSink};
+use crate::sinks::{ProgressRecord, Sink, SinkError};
 use crate::sources::mongo_oplog::{cluster_time_text, MongoError, MongoSource};
 use crate::sources::pg_logical::{connect_plain, PgError, PgSettings, PgSource};
 use crate::sources::Source;
@@ -95,6 +95,55 @@ pub struct RunStats {
     pub dead_lettered: u64,
     /// Commit-to-Kafka-acknowledgement latency of streamed changes.
     pub latency: LatencyHistogram,
+    /// Changes read again after a restart and skipped, because an earlier
+    /// run had committed them (exactly-once delivery).
+    pub skipped_committed: u64,
+}
+
+/// What the progress topic records for a pipeline (exactly-once delivery).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Progress {
+    /// The life of the slot these positions belong to.
+    slot: String,
+    /// The last source position whose every change is committed.
+    position: Option<String>,
+    /// The last committed change (a batch may end inside a transaction).
+    last_commit: Option<String>,
+    last_ordinal: Option<u64>,
+}
+
+/// Exactly-once delivery: each batch and the position it completes are
+/// committed in one Kafka transaction, the position to a compacted
+/// progress topic. After a restart the slot may resend changes the last
+/// run committed (its acknowledgement lags); those are skipped.
+struct ExactlyOnce {
+    topic: String,
+    key: Vec<u8>,
+    committed: Progress,
+}
+
+impl ExactlyOnce {
+    /// Whether an earlier run committed `ev` already.
+    fn committed_before(&self, ev: &ChangeEvent) -> bool {
+        if ev.op == Op::Snapshot {
+            return false;
+        }
+        let p = &self.committed;
+        if p.position
+            .as_deref()
+            .and_then(|s| s.parse::<Lsn>().ok())
+            .is_some_and(|pos| ev.seq.commit < pos)
+        {
+            return true;
+        }
+        match (
+            p.last_commit.as_deref().and_then(|s| s.parse::<Lsn>().ok()),
+            p.last_ordinal,
+        ) {
+            (Some(commit), Some(ordinal)) => ev.seq <= SeqKey { commit, ordinal },
+            _ => false,
+        }
+    }
 }
 
 /// What is known of a batch handed to the sink.
@@ -122,10 +171,12 @@ struct Publisher<'a, K: Sink, P> {
     max_in_flight: usize,
     /// Where poison rows go; `None`: stop on them.
     dead_letter: Option<Arc<str>>,
+    /// Set for exactly-once delivery.
+    exactly_once: Option<ExactlyOnce>,
     stats: RunStats,
 }
 
-impl<K: Sink, P: Send + 'static> Publisher<'_, K, P> {
+impl<K: Sink, P: std::fmt::Display + Send + 'static> Publisher<'_, K, P> {
     /// Maps one change; a poison row becomes a dead letter when allowed.
     fn map_one(
         &mut self,
@@ -184,6 +235,25 @@ impl<K: Sink, P: Send + 'static> Publisher<'_, K, P> {
         events: Vec<ChangeEvent>,
         position: Option<P>,
     ) -> Result<Vec<P>, PipelineError> {
+        let events = match &self.exactly_once {
+            Some(eo) => {
+                let before = events.len();
+                let kept: Vec<ChangeEvent> = events
+                    .into_iter()
+                    .filter(|e| !eo.committed_before(e))
+                    .collect();
+                let skipped = before - kept.len();
+                if skipped > 0 {
+                    tracing::info!(
+                        skipped,
+                        "exactly once: skipped changes that an earlier run committed"
+                    );
+                }
+                self.stats.skipped_committed += skipped as u64;
+                kept
+            }
+            None => events,
+        };
         self.stats.events_read += events.len() as u64;
         let mut out: Vec<DomainEvent> = Vec::with_capacity(events.len());
         let mut commit_times = Vec::new();
@@ -224,6 +294,20 @@ impl<K: Sink, P: Send + 'static> Publisher<'_, K, P> {
             per_table.push((name, published));
         }
         self.stats.events_published += out.len() as u64;
+        if self.exactly_once.is_some() {
+            let last = events
+                .iter()
+                .rev()
+                .find(|e| e.op != Op::Snapshot)
+                .map(|e| e.seq);
+            let info = BatchInfo {
+                position,
+                handed_over: Instant::now(),
+                per_table,
+                commit_times,
+            };
+            return self.commit_atomic(out, last, info).await;
+        }
         let mut done = Vec::new();
         if out.is_empty() && self.inflight.is_empty() {
             // Nothing to wait for: the position is delivered already.
@@ -250,6 +334,41 @@ impl<K: Sink, P: Send + 'static> Publisher<'_, K, P> {
         }
         done.extend(self.completed()?);
         Ok(done)
+    }
+
+    /// Commits `out` and the progress it makes in one transaction; returns
+    /// the batch's position, ready to acknowledge.
+    async fn commit_atomic(
+        &mut self,
+        out: Vec<DomainEvent>,
+        last: Option<SeqKey>,
+        info: BatchInfo<P>,
+    ) -> Result<Vec<P>, PipelineError> {
+        let Some(eo) = self.exactly_once.as_mut() else {
+            return Ok(Vec::new());
+        };
+        if out.is_empty() {
+            // Nothing to publish: the position is delivered already.
+            return Ok(info.position.into_iter().collect());
+        }
+        let position = info.position.as_ref().map(ToString::to_string);
+        let mut record = None;
+        if last.is_some() || position.is_some() {
+            if let Some(seq) = last {
+                eo.committed.last_commit = Some(seq.commit.to_string());
+                eo.committed.last_ordinal = Some(seq.ordinal);
+            }
+            if let Some(p) = position {
+                eo.committed.position = Some(p);
+            }
+            record = Some(ProgressRecord {
+                topic: eo.topic.clone(),
+                key: eo.key.clone(),
+                value: serde_json::to_vec(&eo.committed).unwrap_or_default(),
+            });
+        }
+        self.sink.write_atomic(out, record).await?;
+        Ok(self.delivered(info).into_iter().collect())
     }
 
     /// Positions of deliveries that already finished, without waiting.
@@ -344,6 +463,7 @@ fn settings(cfg: &LoadedConfig, pg: &PostgresConfig) -> PgSettings {
         publication: cfg.publication(),
         snapshot: pg.snapshot,
         manage_publication: pg.manage_publication,
+        on_slot_lost: pg.on_slot_lost,
     }
 }
 
@@ -385,8 +505,9 @@ async fn prepare_pg(
     let store = FileCheckpointStore::new(&cfg.state_dir(), &cfg.config.name);
     let mut source = PgSource::connect(settings(cfg, pg), store).await?;
     report.push(format!(
-        "postgres: connected to database {} (wal_level=logical, role may replicate)",
-        source.database()
+        "postgres: connected to database {} over {} (wal_level=logical, role may replicate)",
+        source.database(),
+        source.transport()
     ));
     let names: Vec<String> = mappings
         .iter()
@@ -471,6 +592,15 @@ async fn open_sink(cfg: &LoadedConfig, mapper: &Mapper) -> Result<KafkaSink, Pip
     let kafka = &cfg.config.kafka;
     let sink = KafkaSink::new(&kafka.brokers, &kafka.properties)?;
     sink.check_connection(Duration::from_secs(10)).await?;
+    if kafka.exactly_once {
+        ensure_progress_topic(
+            &kafka.brokers,
+            &kafka.properties,
+            &cfg.progress_topic(),
+            kafka.replication_factor,
+        )
+        .await?;
+    }
     let mut topics = mapper.topics();
     if cfg.config.on_bad_row == BadRowPolicy::DeadLetter {
         topics.push(cfg.dead_letter_topic());
@@ -502,6 +632,11 @@ fn publisher<'a, K: Sink, P>(
         max_in_flight: cfg.config.batch.max_in_flight,
         dead_letter: (cfg.config.on_bad_row == BadRowPolicy::DeadLetter)
             .then(|| Arc::from(cfg.dead_letter_topic().as_str())),
+        exactly_once: cfg.config.kafka.exactly_once.then(|| ExactlyOnce {
+            topic: cfg.progress_topic(),
+            key: cfg.config.name.clone().into_bytes(),
+            committed: Progress::default(),
+        }),
         stats: RunStats::default(),
     }
 }
@@ -555,10 +690,21 @@ async fn run_pg(
         tracing::info!("{line}");
     }
     let sink = open_sink(cfg, &mapper).await?;
-    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
     let batch = &cfg.config.batch;
+    let opened = source.open(&tables).await?;
+    // Exactly once: the transactional producer fences any other producer
+    // of this pipeline, so it starts only once this process got the slot
+    // (a second process stops at "slot in use" without fencing the first).
+    let sink = if cfg.config.kafka.exactly_once {
+        let kafka = &cfg.config.kafka;
+        let id = format!("unilog-{name}");
+        KafkaSink::transactional(&kafka.brokers, &kafka.properties, &id).await?
+    } else {
+        sink
+    };
+    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
 
-    if let Some(mut snap) = source.open(&tables).await? {
+    if let Some(mut snap) = opened {
         health().set_phase(&name, Phase::Snapshot);
         while let Some(events) = snap.next_batch(batch.max_events).await? {
             health().beat();
@@ -582,6 +728,10 @@ async fn run_pg(
         publisher.stats.snapshot_rows = snap.rows();
         source.snapshot_delivered()?;
         tracing::info!(rows = snap.rows(), "initial snapshot delivered");
+    }
+    if let Some(eo) = publisher.exactly_once.as_mut() {
+        eo.committed =
+            committed_progress(cfg, publisher.sink, &eo.topic, source.slot_incarnation()).await?;
     }
     source.start_streaming().await?;
     health().set_phase(&name, Phase::Streaming);
@@ -685,9 +835,78 @@ where
         latency_samples = lat.count(),
         latency_p50_ms = lat.quantile_ms(0.5).unwrap_or_default(),
         latency_p99_ms = lat.quantile_ms(0.99).unwrap_or_default(),
+        skipped_committed = publisher.stats.skipped_committed,
         "stopped cleanly"
     );
     Ok(())
+}
+
+/// What the progress topic says this life of the slot committed last.
+///
+/// It first commits a start marker (key `<name>.start`, a fresh value) to
+/// the progress topic, then reads up to that marker: every transaction of
+/// an earlier process is resolved before it, so the last progress record
+/// read is the last one committed.
+async fn committed_progress<K: Sink>(
+    cfg: &LoadedConfig,
+    sink: &K,
+    topic: &str,
+    incarnation: String,
+) -> Result<Progress, PipelineError> {
+    let kafka = &cfg.config.kafka;
+    let name = &cfg.config.name;
+    let fence_key = format!("{name}.start").into_bytes();
+    let fence_value = format!(
+        "{}-{}",
+        std::process::id(),
+        chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+    )
+    .into_bytes();
+    sink.write_atomic(
+        Vec::new(),
+        Some(ProgressRecord {
+            topic: topic.to_string(),
+            key: fence_key.clone(),
+            value: fence_value.clone(),
+        }),
+    )
+    .await?;
+    let last = read_last(
+        &kafka.brokers,
+        &kafka.properties,
+        topic,
+        name.as_bytes(),
+        (fence_key, fence_value),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let fresh = Progress {
+        slot: incarnation.clone(),
+        ..Progress::default()
+    };
+    let Some(bytes) = last else {
+        return Ok(fresh);
+    };
+    match serde_json::from_slice::<Progress>(&bytes) {
+        Ok(p) if p.slot == incarnation => {
+            tracing::info!(
+                topic,
+                position = p.position.as_deref().unwrap_or("-"),
+                last_commit = p.last_commit.as_deref().unwrap_or("-"),
+                last_ordinal = p.last_ordinal.unwrap_or_default(),
+                "exactly once: changes up to the committed position are skipped"
+            );
+            Ok(p)
+        }
+        Ok(p) => {
+            tracing::info!(topic, recorded = %p.slot, current = %incarnation, "exactly once: the progress topic records another life of the slot; starting from the slot");
+            Ok(fresh)
+        }
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "exactly once: unreadable progress record; starting from the slot (changes may repeat once)");
+            Ok(fresh)
+        }
+    }
 }
 
 /// Every 10 s, the WAL the server keeps for the slot (a gauge).

@@ -55,6 +55,7 @@ async fn demo_tables(db: &TestDb) -> HashMap<String, Arc<TableInfo>> {
         publication: "unused".into(),
         snapshot: SnapshotMode::Never,
         manage_publication: false,
+        on_slot_lost: unilog::config::SlotLostPolicy::Stop,
     };
     let mut source = PgSource::connect(settings, FileCheckpointStore::new(state.path(), "t"))
         .await

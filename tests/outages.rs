@@ -168,3 +168,78 @@ async fn a_broker_that_is_down_at_start_is_waited_for() {
     assert!(sigterm(&mut unilog.0).success());
     db.cleanup().await;
 }
+
+/// The registry stand-in on `port`, keeping its state in `state`.
+fn registry_on(port: u16, state: &Path) -> Killed {
+    Killed(
+        Command::new(env!("CARGO_BIN_EXE_schema-registry-standin"))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--state"])
+            .arg(state)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_registry_outage_while_streaming_is_waited_for() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack).await;
+    db.client
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL); INSERT INTO items VALUES (1, 1);")
+        .await
+        .unwrap();
+    let topic = format!("it.out.{}", suffix());
+    let port = free_port();
+    let registry = format!("http://127.0.0.1:{port}");
+    let state_dir = tempfile::tempdir().unwrap();
+    let state = state_dir.path().join("registry.json");
+    let mut up = Some(registry_on(port, &state));
+    let (fx, mut unilog, log) = start_while_down(&stack, &db, &topic, &stack.brokers, &registry);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute("INSERT INTO items SELECT g, g FROM generate_series(2, 50) g")
+        .await
+        .unwrap();
+    consume(&stack.brokers, &topic, 50, Duration::from_secs(2), WAIT).await;
+
+    // The registry goes away; a column is added, so the next change needs
+    // a new schema version; the application keeps writing.
+    drop(up.take());
+    db.client
+        .batch_execute("ALTER TABLE items ADD COLUMN note text; INSERT INTO items SELECT g, g, 'n' || g FROM generate_series(51, 100) g;")
+        .await
+        .unwrap();
+    assert_still_waiting(&mut unilog, &log).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("retrying") && text.contains(&format!("127.0.0.1:{port}")),
+        "no retry while the registry was down:\n{text}"
+    );
+
+    // Back, with its state: the pipeline goes on, nothing is lost.
+    let _registry = registry_on(port, &state);
+    db.client
+        .batch_execute("INSERT INTO items SELECT g, g, 'n' || g FROM generate_series(101, 120) g")
+        .await
+        .unwrap();
+    let records = consume(&stack.brokers, &topic, 120, Duration::from_secs(3), WAIT).await;
+    let mut dec = Decoder::new(&registry);
+    let events = decode_all(&mut dec, &records).await;
+    let mut ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids, (1..=120).collect::<Vec<_>>(), "changes lost");
+    for e in &events {
+        let id = e["after"]["id"].as_i64().unwrap();
+        if id > 50 {
+            assert_eq!(e["after"]["note"], format!("n{id}"), "the new column");
+        }
+    }
+    assert!(sigterm(&mut unilog.0).success());
+    db.cleanup().await;
+}

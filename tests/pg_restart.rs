@@ -5,119 +5,13 @@
 mod support;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::cluster::Cluster;
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// A throwaway cluster owned by the `postgres` OS user when run as root.
-struct Cluster {
-    dir: PathBuf,
-    bin: PathBuf,
-    port: u16,
-}
-
-fn as_owner(cmd: &Path, args: &[&str]) -> std::process::Output {
-    let root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let mut c = if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(cmd);
-        c
-    } else {
-        Command::new(cmd)
-    };
-    c.args(args)
-        .current_dir("/")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run a postgres tool")
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let bin = PathBuf::from(
-            std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
-        );
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let dir = std::env::temp_dir().join(format!("unilog-pgrestart-{}", suffix()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let _ = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(&dir)
-            .status();
-        let data = dir.join("data");
-        let out = as_owner(
-            &bin.join("initdb"),
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-U",
-                "postgres",
-                "-A",
-                "trust",
-                "--no-sync",
-                "-E",
-                "UTF8",
-                "--locale=C.UTF-8",
-            ],
-        );
-        assert!(
-            out.status.success(),
-            "initdb: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let conf = format!(
-            "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\nwal_level = logical\nmax_replication_slots = 10\nmax_wal_senders = 10\nfsync = off\n",
-            dir.display()
-        );
-        let mut existing = std::fs::read_to_string(data.join("postgresql.conf")).unwrap();
-        existing.push_str(&conf);
-        // Written as root when run as root: the owner only needs to read it.
-        std::fs::write(data.join("postgresql.conf"), existing).unwrap();
-        let c = Cluster { dir, bin, port };
-        c.pg_ctl(&["start", "-w", "-t", "60"]);
-        c
-    }
-
-    fn pg_ctl(&self, args: &[&str]) {
-        let data = self.dir.join("data");
-        let log = self.dir.join("log");
-        let mut all = vec!["-D", data.to_str().unwrap(), "-l", log.to_str().unwrap()];
-        all.extend_from_slice(args);
-        let out = as_owner(&self.bin.join("pg_ctl"), &all);
-        assert!(
-            out.status.success(),
-            "pg_ctl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let data = self.dir.join("data");
-        let _ = as_owner(
-            &self.bin.join("pg_ctl"),
-            &["-D", data.to_str().unwrap(), "-m", "immediate", "stop"],
-        );
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 async fn streaming(admin: &tokio_postgres::Client) -> bool {
     admin
@@ -141,10 +35,21 @@ async fn insert_range(url: &str, from: i64, to: i64) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_postgres_restart_is_waited_for_and_nothing_is_lost() {
+/// A private cluster with a database `shop` and a table `items`, and
+/// unilog streaming it to a fresh topic.
+struct Setup {
+    stack: Stack,
+    cluster: Cluster,
+    url: String,
+    topic: String,
+    dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+    unilog: Killed,
+}
+
+async fn setup() -> Setup {
     let stack = Stack::from_env();
-    let cluster = Cluster::start();
+    let cluster = Cluster::start("");
     let admin = connect(&cluster.url("postgres")).await;
     admin.batch_execute("CREATE DATABASE shop").await.unwrap();
     let url = cluster.url("shop");
@@ -171,13 +76,15 @@ async fn a_postgres_restart_is_waited_for_and_nothing_is_lost() {
     )
     .unwrap();
     let log = dir.path().join("unilog.log");
-    let mut unilog = Command::new(unilog_bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let unilog = Killed(
+        Command::new(unilog_bin())
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let start = Instant::now();
     while !streaming(&admin).await {
         assert!(
@@ -188,6 +95,28 @@ async fn a_postgres_restart_is_waited_for_and_nothing_is_lost() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    Setup {
+        stack,
+        cluster,
+        url,
+        topic,
+        dir,
+        log,
+        unilog,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_postgres_restart_is_waited_for_and_nothing_is_lost() {
+    let Setup {
+        stack,
+        cluster,
+        url,
+        topic,
+        dir: _dir,
+        log,
+        mut unilog,
+    } = setup().await;
     insert_range(&url, 1, 201).await;
     // Restart the server under the pipeline (fast shutdown: connections are cut).
     cluster.pg_ctl(&["restart", "-m", "fast", "-w", "-t", "60"]);
@@ -195,7 +124,7 @@ async fn a_postgres_restart_is_waited_for_and_nothing_is_lost() {
 
     let records = consume(&stack.brokers, &topic, 400, Duration::from_secs(3), WAIT).await;
     assert!(
-        unilog.try_wait().unwrap().is_none(),
+        unilog.0.try_wait().unwrap().is_none(),
         "unilog exited: {}",
         std::fs::read_to_string(&log).unwrap()
     );
@@ -216,5 +145,117 @@ async fn a_postgres_restart_is_waited_for_and_nothing_is_lost() {
         400,
         "400 distinct changes (repeats share their dedup id)"
     );
-    assert!(sigterm(&mut unilog).success());
+    assert!(sigterm(&mut unilog.0).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_immediate_postgres_crash_during_a_load_loses_nothing() {
+    let Setup {
+        stack,
+        cluster,
+        url,
+        topic,
+        dir: _dir,
+        log,
+        mut unilog,
+    } = setup().await;
+
+    // A writer commits transactions of 10 inserts until the server dies
+    // under it; it returns the ids whose COMMIT was acknowledged.
+    let writer = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let mut client = connect(&url).await;
+            let mut acked = Vec::new();
+            for txn in 0..100_000i64 {
+                let ids: Vec<i64> = (txn * 10 + 1..=txn * 10 + 10).collect();
+                let Ok(tx) = client.transaction().await else {
+                    break;
+                };
+                let mut ok = true;
+                for id in &ids {
+                    if tx
+                        .execute("INSERT INTO items VALUES ($1, $1)", &[id])
+                        .await
+                        .is_err()
+                    {
+                        ok = false;
+                        break;
+                    }
+                }
+                if !ok || tx.commit().await.is_err() {
+                    break;
+                }
+                acked.extend(ids);
+            }
+            acked
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A crash: no shutdown checkpoint, connections cut, crash recovery at the next start.
+    cluster.pg_ctl(&["stop", "-m", "immediate"]);
+    let acked = writer.await.unwrap();
+    assert!(acked.len() >= 100, "the load ran: {} rows", acked.len());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.pg_ctl(&["start", "-w", "-t", "60"]);
+    let client = connect(&url).await;
+    client
+        .execute(
+            "INSERT INTO items SELECT g, g FROM generate_series(1000001, 1000200) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    let table: HashSet<String> = client
+        .query("SELECT id FROM items", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i64>(0).to_string())
+        .collect();
+    for id in &acked {
+        assert!(
+            table.contains(&id.to_string()),
+            "the server lost committed row {id}"
+        );
+    }
+
+    let records = consume(
+        &stack.brokers,
+        &topic,
+        table.len(),
+        Duration::from_secs(3),
+        WAIT,
+    )
+    .await;
+    assert!(
+        unilog.0.try_wait().unwrap().is_none(),
+        "unilog exited: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let keys: HashSet<String> = records.iter().filter_map(|r| r.key.clone()).collect();
+    let missing: Vec<&String> = table.difference(&keys).take(5).collect();
+    assert!(
+        missing.is_empty(),
+        "rows of the table never published, e.g. {missing:?}"
+    );
+    assert_eq!(keys, table, "published keys differ from the table");
+    let ids: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.headers.get("unilog.dedup_id").map(String::as_str))
+        .collect();
+    assert_eq!(ids.len(), table.len(), "one dedup id per inserted row");
+    eprintln!(
+        "{} rows ({} acknowledged before the crash), {} records, {} distinct",
+        table.len(),
+        acked.len(),
+        records.len(),
+        ids.len()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("retrying"),
+        "no retry after the crash:\n{text}"
+    );
+    assert!(sigterm(&mut unilog.0).success());
 }

@@ -50,7 +50,7 @@ import pgtools  # noqa: E402
 from pgtools import lsn_fmt, lsn_parse, mask, pg_target, with_db  # noqa: E402
 
 try:
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
@@ -399,6 +399,7 @@ source:
 kafka:
   brokers: {json.dumps(self.brokers)}
   partitions: {a.partitions}
+  exactly_once: {"true" if a.exactly_once else "false"}
 schema_registry:
   url: {json.dumps(self.registry)}
 mappings: [items.yaml]
@@ -517,11 +518,15 @@ state_dir: state
         t_v0 = time.monotonic()
         table = self.read_table()
         records = self.read_topic()
+        self.hides_aborted = self.broker_hides_aborted() if a.exactly_once else True
+        self.kills_done = kills
         result = self.verify(records, txns, table, conf_end)
         t_end = time.monotonic()
         unexpected = [r for r in self.runs if r.get("how") == "exited"]
         result.update({
             "seed": self.seed,
+            "exactly_once": self.args.exactly_once,
+            "broker_hides_aborted": getattr(self, "hides_aborted", None),
             "build": os.environ.get("UNILOG_BUILD", "?"),
             "changes": changes,
             "transactions": len(txns),
@@ -547,6 +552,36 @@ state_dir: state
                                       f"{'stopped cleanly' if stopped else 'no stopped-cleanly line'}")
         result["pass"] = not result["problems"]
         return result
+
+    def broker_hides_aborted(self):
+        """Whether read_committed readers skip records of aborted transactions (Apache Kafka does;
+        the local Tansu broker does not, so there a kill can leak the batch in flight)."""
+        topic = f"crash.probe.{self.sfx}"
+        p = Producer({"bootstrap.servers": self.brokers, "transactional.id": f"crash-probe-{self.sfx}"})
+        p.init_transactions(30)
+        p.begin_transaction()
+        p.produce(topic, b"aborted", key=b"k", partition=0)
+        p.flush(30)
+        p.abort_transaction(30)
+        p.begin_transaction()
+        p.produce(topic, b"committed", key=b"k", partition=0)
+        p.commit_transaction(30)
+        c = Consumer({"bootstrap.servers": self.brokers, "group.id": f"crash-probe-{self.sfx}",
+                      "enable.auto.commit": False, "isolation.level": "read_committed",
+                      "auto.offset.reset": "earliest"})
+        c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        seen = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and b"committed" not in seen:
+            m = c.poll(0.2)
+            if m is not None and m.error() is None:
+                seen.append(m.value())
+        c.close()
+        if b"committed" not in seen:
+            raise TestError(f"probe topic {topic}: the committed probe record did not arrive")
+        hides = b"aborted" not in seen
+        log(f"the broker {'hides' if hides else 'does NOT hide'} aborted transactions from read_committed readers")
+        return hides
 
     def read_table(self):
         rows = sql(self.psql, self.db_url,
@@ -688,6 +723,15 @@ state_dir: state
         fold_problems, folded, ops = self.fold(records, table)
         problems += fold_problems
         dups = len(records) - no_id - distinct
+        if self.args.exactly_once and dups:
+            if self.hides_aborted:
+                problems.append(f"{dups} duplicates although kafka.exactly_once is on "
+                                f"(a read_committed consumer must see each dedup id once)")
+            elif dups > self.kills_done * 2000:
+                # The broker shows records of aborted transactions: a kill
+                # can leak the batch in flight (at most batch.max_events).
+                problems.append(f"{dups} duplicates with kafka.exactly_once: more than one aborted "
+                                f"batch of 2,000 per kill ({self.kills_done} kills) explains")
         return {"problems": problems, "records": len(records), "distinct_ids": distinct,
                 "expected_ids": expected, "lost": lost_n, "lost_detail": lost[:100],
                 "duplicates": dups, "duplicates_pct": 100.0 * dups / max(1, distinct),
@@ -778,6 +822,13 @@ state_dir: state
                     self.warnings.append(f"deleting topic {self.topic}: {(r.stderr or r.stdout).strip()[:200]}")
             except (OSError, subprocess.TimeoutExpired) as e:
                 problems.append(f"deleting topic {self.topic}: {e}")
+            if self.args.exactly_once:
+                progress = f"unilog.{self.name}.progress"
+                try:
+                    subprocess.run([tansu, "topic", "delete", "--broker", f"tcp://{self.brokers.split(',')[0]}",
+                                    progress], capture_output=True, text=True, timeout=30)
+                except (OSError, subprocess.TimeoutExpired) as e:
+                    self.warnings.append(f"deleting topic {progress}: {e}")
         elif self.unilog_runs:
             self.warnings.append(f"topic {self.topic} left on {self.brokers} (not the local Tansu)")
         if self.unilog_runs:
@@ -817,6 +868,9 @@ def report(r):
     rows = [
         ("result", "PASS" if r["pass"] else "FAIL"),
         ("seed / build", f"{r['seed']} / {r['build']}"),
+        ("delivery", ("exactly once (kafka.exactly_once: true); the broker "
+                      + ("hides" if r.get("broker_hides_aborted") else "does NOT hide")
+                      + " aborted transactions") if r.get("exactly_once") else "at least once"),
         ("committed row changes", f"{r['changes']:,} in {r['transactions']:,} transactions "
                                   f"(+ {r['snapshot_rows']:,} snapshot rows)"),
         ("SIGKILLs", f"{r['kills']} ({r['kills_during_load']} while the load ran, "
@@ -857,6 +911,8 @@ def main():
     ap.add_argument("--restart-estimate", type=float, default=1.0,
                     help="seconds per restart added to the load's duration (1)")
     ap.add_argument("--partitions", type=int, default=3, help="partitions of the topic (3)")
+    ap.add_argument("--exactly-once", action="store_true",
+                    help="run unilog with kafka.exactly_once: true and fail on any duplicate")
     ap.add_argument("--timeout", type=float, default=600, help="limit of each wait, s (600)")
     ap.add_argument("--max-seconds", type=float, default=3600, help="limit of the whole run, s (3600)")
     ap.add_argument("--json", metavar="FILE", help="also write the result as JSON to FILE")

@@ -7,6 +7,7 @@
 //! delete, on a Debezium topic) is sent with a null value.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
@@ -15,15 +16,18 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 
-use super::{Delivery, Sink, SinkError};
+use super::{Delivery, ProgressRecord, Sink, SinkError};
 use crate::mapping::DomainEvent;
 
 /// Header naming the event type.
 pub const HEADER_EVENT_TYPE: &str = "unilog.event_type";
 /// Header carrying the dedup id.
 pub const HEADER_DEDUP_ID: &str = "unilog.dedup_id";
+
+/// How long initialising, committing or aborting a transaction may take.
+const TXN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// librdkafka settings unilog sets unless the config overrides them.
 fn base_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
@@ -92,6 +96,40 @@ impl KafkaSink {
         })
     }
 
+    /// A transactional producer (exactly-once delivery): `transactional_id`
+    /// is stable per pipeline, so a restarted process fences the one
+    /// before it and aborts the transaction it left open.
+    pub async fn transactional(
+        brokers: &str,
+        properties: &BTreeMap<String, String>,
+        transactional_id: &str,
+    ) -> Result<Self, SinkError> {
+        let mut props = properties.clone();
+        props
+            .entry("transactional.id".into())
+            .or_insert_with(|| transactional_id.to_string());
+        // A transaction left open by a process that died blocks
+        // read_committed consumers until the broker aborts it: keep that
+        // short. (A restarted unilog fences and aborts it at once.)
+        props
+            .entry("transaction.timeout.ms".into())
+            .or_insert_with(|| "60000".into());
+        props
+            .entry("message.timeout.ms".into())
+            .or_insert_with(|| "60000".into());
+        let sink = KafkaSink::new(brokers, &props)?;
+        let producer = sink.producer.clone();
+        let brokers_text = brokers.to_string();
+        tokio::task::spawn_blocking(move || producer.init_transactions(TXN_TIMEOUT))
+            .await
+            .map_err(|e| SinkError::Setup(e.to_string()))?
+            .map_err(|e| SinkError::Unreachable {
+                brokers: brokers_text,
+                reason: format!("cannot initialise transactions: {e}"),
+            })?;
+        Ok(sink)
+    }
+
     /// Fails with a clear message when no broker answers within `timeout`.
     pub async fn check_connection(&self, timeout: Duration) -> Result<(), SinkError> {
         let producer = self.producer.clone();
@@ -158,10 +196,14 @@ pub async fn ensure_topics(
     Ok(())
 }
 
-impl Sink for KafkaSink {
-    async fn write(&self, batch: Vec<DomainEvent>) -> Result<Delivery, SinkError> {
+impl KafkaSink {
+    /// Enqueues `batch` in order; returns each record's delivery with its topic.
+    async fn enqueue(
+        &self,
+        batch: &[DomainEvent],
+    ) -> Result<Vec<(DeliveryFuture, Arc<str>)>, SinkError> {
         let mut pending = Vec::with_capacity(batch.len());
-        for ev in &batch {
+        for ev in batch {
             let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header {
                     key: HEADER_EVENT_TYPE,
@@ -179,45 +221,231 @@ impl Sink for KafkaSink {
             if let Some(k) = &ev.key {
                 record = record.key(k);
             }
-            loop {
-                match self.producer.send_result(record) {
-                    Ok(fut) => {
-                        pending.push((fut, ev.topic.clone()));
-                        break;
-                    }
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((e, _)) => {
-                        return Err(SinkError::Delivery {
-                            topic: ev.topic.to_string(),
-                            reason: e.to_string(),
-                        })
-                    }
+            pending.push((self.send(record, &ev.topic).await?, ev.topic.clone()));
+        }
+        Ok(pending)
+    }
+
+    /// Sends one record, waiting while librdkafka's queue is full.
+    async fn send<'a>(
+        &self,
+        mut record: FutureRecord<'a, Vec<u8>, Vec<u8>>,
+        topic: &str,
+    ) -> Result<DeliveryFuture, SinkError> {
+        loop {
+            match self.producer.send_result(record) {
+                Ok(fut) => return Ok(fut),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => {
+                    return Err(SinkError::Delivery {
+                        topic: topic.to_string(),
+                        reason: e.to_string(),
+                    })
                 }
             }
         }
-        Ok(Box::pin(async move {
-            let (futs, topics): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
-            for (res, topic) in join_all(futs).await.into_iter().zip(topics) {
-                match res {
-                    Ok(Ok(_)) => {}
-                    Ok(Err((e, _))) => {
-                        return Err(SinkError::Delivery {
-                            topic: topic.to_string(),
-                            reason: e.to_string(),
-                        })
+    }
+
+    /// Runs a blocking transaction call off the async threads.
+    async fn txn_call(
+        &self,
+        what: &'static str,
+        call: impl FnOnce(&FutureProducer<StatsContext>) -> rdkafka::error::KafkaResult<()>
+            + Send
+            + 'static,
+    ) -> Result<(), SinkError> {
+        let producer = self.producer.clone();
+        tokio::task::spawn_blocking(move || call(&producer))
+            .await
+            .map_err(|e| SinkError::Transaction {
+                reason: format!("{what}: {e}"),
+            })?
+            .map_err(|e| SinkError::Transaction {
+                reason: format!("{what}: {e}"),
+            })
+    }
+}
+
+/// Waits for every delivery; the first failure names its topic.
+async fn wait_all(pending: Vec<(DeliveryFuture, Arc<str>)>) -> Result<(), SinkError> {
+    let (futs, topics): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+    for (res, topic) in join_all(futs).await.into_iter().zip(topics) {
+        match res {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => {
+                return Err(SinkError::Delivery {
+                    topic: topic.to_string(),
+                    reason: e.to_string(),
+                })
+            }
+            Err(_) => {
+                return Err(SinkError::Delivery {
+                    topic: topic.to_string(),
+                    reason: "the producer was dropped before confirming".into(),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+impl Sink for KafkaSink {
+    async fn write(&self, batch: Vec<DomainEvent>) -> Result<Delivery, SinkError> {
+        let pending = self.enqueue(&batch).await?;
+        Ok(Box::pin(wait_all(pending)))
+    }
+
+    async fn write_atomic(
+        &self,
+        batch: Vec<DomainEvent>,
+        progress: Option<ProgressRecord>,
+    ) -> Result<(), SinkError> {
+        self.producer
+            .begin_transaction()
+            .map_err(|e| SinkError::Transaction {
+                reason: format!("begin: {e}"),
+            })?;
+        let result = async {
+            // The events first, and only once the broker has them all, the
+            // progress record: on a broker that shows records of aborted
+            // transactions to read_committed readers (the local test broker
+            // does), a visible progress record then never runs ahead of the
+            // events it covers.
+            wait_all(self.enqueue(&batch).await?).await?;
+            if let Some(p) = &progress {
+                let record = FutureRecord::<Vec<u8>, Vec<u8>>::to(&p.topic)
+                    .key(&p.key)
+                    .payload(&p.value);
+                let sent = self.send(record, &p.topic).await?;
+                wait_all(vec![(sent, Arc::from(p.topic.as_str()))]).await?;
+            }
+            // Commit flushes every record first and fails if one failed.
+            self.txn_call("commit", |p| p.commit_transaction(TXN_TIMEOUT))
+                .await
+        }
+        .await;
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, "aborting the Kafka transaction");
+            if let Err(abort) = self
+                .txn_call("abort", |p| p.abort_transaction(TXN_TIMEOUT))
+                .await
+            {
+                tracing::debug!(error = %abort, "abort failed; the next start fences the transaction");
+            }
+        }
+        result
+    }
+}
+
+/// Reads the last value written under `key` to partition 0 of `topic`,
+/// committed transactions only, up to the record `fence` (key and value),
+/// which the caller committed just before. A partition is read in order
+/// and `read_committed` stops at the first unresolved transaction, so once
+/// the fence is read every transaction before it has been seen: end
+/// offsets, which not every broker reports reliably, are not needed.
+/// Fails when the fence does not show up within `timeout`.
+pub async fn read_last(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    key: &[u8],
+    fence: (Vec<u8>, Vec<u8>),
+    timeout: Duration,
+) -> Result<Option<Vec<u8>>, SinkError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers);
+    for (k, v) in properties {
+        if k.starts_with("security.") || k.starts_with("sasl.") || k.starts_with("ssl.") {
+            cfg.set(k, v);
+        }
+    }
+    cfg.set(
+        "group.id",
+        format!("unilog-progress-{}", std::process::id()),
+    )
+    .set("enable.auto.commit", "false")
+    .set("isolation.level", "read_committed")
+    .set("client.id", "unilog-progress");
+    let topic = topic.to_string();
+    let key = key.to_vec();
+    let err = {
+        let topic = topic.clone();
+        move |reason: String| SinkError::Progress {
+            topic: topic.clone(),
+            reason,
+        }
+    };
+    let err2 = err.clone();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = cfg.create().map_err(|e| err(e.to_string()))?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, 0, Offset::Beginning)
+            .map_err(|e| err(e.to_string()))?;
+        consumer.assign(&tpl).map_err(|e| err(e.to_string()))?;
+        let mut last = None;
+        let started = std::time::Instant::now();
+        while started.elapsed() < timeout {
+            match consumer.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => {
+                    if m.key() == Some(fence.0.as_slice())
+                        && m.payload() == Some(fence.1.as_slice())
+                    {
+                        return Ok(last);
                     }
-                    Err(_) => {
-                        return Err(SinkError::Delivery {
-                            topic: topic.to_string(),
-                            reason: "the producer was dropped before confirming".into(),
-                        })
+                    if m.key() == Some(key.as_slice()) {
+                        last = m.payload().map(<[u8]>::to_vec);
                     }
                 }
+                Some(Err(e)) => return Err(err(e.to_string())),
+                None => {}
             }
-            Ok(())
-        }))
+        }
+        Err(err(format!(
+            "the start marker this process committed did not arrive within {} s",
+            timeout.as_secs()
+        )))
+    })
+    .await
+    .map_err(|e| err2(e.to_string()))?
+}
+
+/// Creates the compacted progress topic (one partition) if it is missing.
+pub async fn ensure_progress_topic(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topic: &str,
+    replication: i32,
+) -> Result<(), SinkError> {
+    let admin: AdminClient<DefaultClientContext> = base_config(brokers, properties)
+        .create()
+        .map_err(|e| SinkError::Setup(e.to_string()))?;
+    let new = NewTopic::new(topic, 1, TopicReplication::Fixed(replication))
+        .set("cleanup.policy", "compact");
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics([&new], &opts)
+        .await
+        .map_err(|e| SinkError::Unreachable {
+            brokers: brokers.to_string(),
+            reason: e.to_string(),
+        })?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((topic, code)) => {
+                return Err(SinkError::Topic {
+                    topic,
+                    reason: code.to_string(),
+                })
+            }
+        }
     }
+    Ok(())
 }

@@ -24,6 +24,10 @@ pub enum SinkError {
     Topic { topic: String, reason: String },
     #[error("kafka: brokers {brokers} unreachable: {reason}")]
     Unreachable { brokers: String, reason: String },
+    #[error("kafka: transaction failed: {reason}")]
+    Transaction { reason: String },
+    #[error("kafka: cannot read progress topic {topic}: {reason}")]
+    Progress { topic: String, reason: String },
 }
 
 impl SinkError {
@@ -32,13 +36,25 @@ impl SinkError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            SinkError::Delivery { .. } | SinkError::Unreachable { .. }
+            SinkError::Delivery { .. }
+                | SinkError::Unreachable { .. }
+                | SinkError::Transaction { .. }
+                | SinkError::Progress { .. }
         )
     }
 }
 
 /// Resolves when every record of one batch is confirmed.
 pub type Delivery = Pin<Box<dyn Future<Output = Result<(), SinkError>> + Send>>;
+
+/// A record written in the same transaction as a batch: the source
+/// position the batch completes (exactly-once delivery).
+#[derive(Debug, Clone)]
+pub struct ProgressRecord {
+    pub topic: String,
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+}
 
 /// A destination for domain events.
 pub trait Sink {
@@ -48,4 +64,19 @@ pub trait Sink {
         &self,
         batch: Vec<DomainEvent>,
     ) -> impl Future<Output = Result<Delivery, SinkError>> + Send;
+
+    /// Writes `batch` and `progress` all or nothing, and returns once they
+    /// are committed. Only sinks with transactions support it.
+    fn write_atomic(
+        &self,
+        batch: Vec<DomainEvent>,
+        progress: Option<ProgressRecord>,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = (batch, progress);
+        async {
+            Err(SinkError::Setup(
+                "this sink cannot write transactions (exactly-once delivery)".into(),
+            ))
+        }
+    }
 }

@@ -113,6 +113,7 @@ fn parse_info(origin: &str, info: &str, section: &str, text: String) -> Option<D
 /// A reference to any other variable must carry a default (`${VAR:-x}`).
 pub const EXAMPLE_ENV: &[(&str, &str)] = &[
     ("PG_URL", "postgres://unilog:secret@db.internal:5432/app"),
+    ("PG_PASSWORD", "secret"),
     (
         "MONGO_URL",
         "mongodb://unilog:secret@mongo-1.internal:27017/?replicaSet=rs0",

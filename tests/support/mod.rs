@@ -5,6 +5,7 @@
 //! suffix), so tests run in any order and in parallel.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod docs;
 pub mod mongo;
 
@@ -459,9 +460,16 @@ pub async fn decode_all(dec: &mut Decoder, records: &[Record]) -> Vec<Json> {
     out
 }
 
-/// The unilog binary built for the tests.
-pub fn unilog_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_unilog"))
+/// The unilog binary built for the tests, or `$UNILOG_BIN` when set (a
+/// release build, or a copy that concurrent builds sharing one target
+/// folder cannot replace mid-run).
+pub fn unilog_bin() -> PathBuf {
+    std::env::var_os("UNILOG_BIN")
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || PathBuf::from(env!("CARGO_BIN_EXE_unilog")),
+            PathBuf::from,
+        )
 }
 
 /// Runs `unilog <cmd> --config <config>` to completion.

@@ -33,6 +33,7 @@
 pub mod catalog;
 pub mod pgoutput;
 pub mod snapshot;
+pub mod tls;
 pub mod values;
 
 use std::collections::HashMap;
@@ -40,11 +41,11 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
-use tokio_postgres::{Client, NoTls};
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_postgres::Client;
 
 use crate::checkpoint::{CheckpointError, CheckpointStore, FileCheckpointStore, PgCheckpoint};
-use crate::config::{redact_url, SnapshotMode};
+use crate::config::{redact_url, SlotLostPolicy, SnapshotMode};
 use crate::event::{
     ChangeEvent, ColumnInfo, Lsn, Op, Position, Row, SeqKey, SourceKind, SourceMeta, TableInfo,
     Value,
@@ -53,6 +54,7 @@ use crate::sources::{Source, SourceBatch};
 use catalog::{quote_ident, Catalog};
 use pgoutput::{decode, pg_epoch_micros_to_unix, LogicalMessage, OldTuple, TupleData, TupleValue};
 use snapshot::SnapshotReader;
+use tls::PgUrl;
 
 /// Session settings that make text values parse the same everywhere.
 pub const SESSION_OPTIONS: &str =
@@ -69,6 +71,8 @@ pub enum PgError {
         /// a refusal such as a wrong password or a missing database.
         unreachable: bool,
     },
+    #[error("TLS to PostgreSQL at {url} failed: {reason}; check sslmode and sslrootcert in source.postgres.url (sslrootcert must hold the CA that signed the server's certificate, and with verify-full the URL's host must be named in that certificate)")]
+    Tls { url: String, reason: String },
     #[error("PostgreSQL: {what}: {}", pg_text(source))]
     Query {
         what: String,
@@ -79,6 +83,8 @@ pub enum PgError {
     Setup(String),
     #[error("PostgreSQL: {0}")]
     SlotBusy(String),
+    #[error("{0}")]
+    SlotLost(String),
     #[error("replication stream: {0}")]
     Replication(String),
     #[error("cannot decode a pgoutput message at {lsn}: {reason}")]
@@ -125,6 +131,16 @@ pub struct PgSettings {
     pub publication: String,
     pub snapshot: SnapshotMode,
     pub manage_publication: bool,
+    pub on_slot_lost: SlotLostPolicy,
+}
+
+/// How a slot the pipeline streamed from went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotLoss {
+    /// It no longer exists (`pg_drop_replication_slot`).
+    Dropped,
+    /// The server removed WAL it needed (`wal_status = 'lost'`).
+    Invalidated,
 }
 
 /// The state of the current transaction in the stream.
@@ -153,6 +169,8 @@ pub struct PgSource {
     /// The server's WAL end, from data and keepalives.
     server_end: Lsn,
     acked: Lsn,
+    /// The TLS version of the ordinary connection; `None`: plain TCP.
+    tls: Option<String>,
 }
 
 /// The server's own words for an error (`password authentication failed
@@ -174,19 +192,67 @@ pub fn pg_text(e: &tokio_postgres::Error) -> String {
     s
 }
 
-/// Opens an ordinary connection (session settings applied).
+/// Why a connection attempt failed, classified: TLS problems and refusals
+/// are permanent, an unreachable server is worth retrying.
+fn connect_error(url: &str, e: &tokio_postgres::Error) -> PgError {
+    let url = redact_url(url);
+    let reason = pg_text(e);
+    if tls::is_tls_error(e) || (e.as_db_error().is_none() && reason.contains("TLS")) {
+        return PgError::Tls { url, reason };
+    }
+    if let Some(db) = e.as_db_error() {
+        // pg_hba.conf has only `hostssl` lines for this client.
+        if db.message().contains("client certificate") {
+            return PgError::Connect {
+                url,
+                reason: format!("{reason}; the server authenticates this user by a TLS client certificate: add sslcert=/path/to/client.crt&sslkey=/path/to/client.key to the URL"),
+                unreachable: false,
+            };
+        }
+        if db.message().contains("no encryption") {
+            return PgError::Connect {
+                url,
+                reason: format!("{reason}; the server accepts this user only over TLS: add sslmode=require, or better sslmode=verify-full&sslrootcert=/path/to/ca.pem, to the URL"),
+                unreachable: false,
+            };
+        }
+    }
+    PgError::Connect {
+        url,
+        reason,
+        unreachable: e.as_db_error().is_none_or(|d| {
+            let c = d.code().code();
+            c.starts_with("08") || c.starts_with("57") || c == "53300"
+        }),
+    }
+}
+
+/// A replication-connection error; TLS failures are permanent.
+fn repl_err(url: &str) -> impl Fn(PgWireError) -> PgError + '_ {
+    move |e| match e {
+        PgWireError::Tls(reason) => PgError::Tls {
+            url: redact_url(url),
+            reason,
+        },
+        other => PgError::Replication(other.to_string()),
+    }
+}
+
+/// Opens an ordinary connection (session settings applied), with TLS as
+/// the URL's `sslmode` and `sslrootcert` say.
 pub async fn connect_plain(url: &str) -> Result<Client, PgError> {
-    let (client, conn) =
-        tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(|e| PgError::Connect {
-                url: redact_url(url),
-                reason: pg_text(&e),
-                unreachable: e.as_db_error().is_none_or(|d| {
-                    let c = d.code().code();
-                    c.starts_with("08") || c.starts_with("57") || c == "53300"
-                }),
-            })?;
+    let parsed = PgUrl::parse(url).map_err(|reason| PgError::Connect {
+        url: redact_url(url),
+        reason,
+        unreachable: false,
+    })?;
+    let tls = parsed.connector().map_err(|reason| PgError::Tls {
+        url: redact_url(url),
+        reason,
+    })?;
+    let (client, conn) = tokio_postgres::connect(&parsed.url, tls)
+        .await
+        .map_err(|e| connect_error(url, &e))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "postgres connection closed");
@@ -211,7 +277,8 @@ impl PgSource {
         let row = client
             .query_one(
                 "SELECT current_database()::text, current_setting('wal_level'), current_user::text,
-                        (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)",
+                        (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+                        (SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid() AND ssl)",
                 &[],
             )
             .await
@@ -220,6 +287,7 @@ impl PgSource {
         let wal_level: String = row.get(1);
         let user: String = row.get(2);
         let can_replicate: Option<bool> = row.get(3);
+        let tls: Option<String> = row.get(4);
         if wal_level != "logical" {
             return Err(PgError::Setup(format!(
                 "wal_level is `{wal_level}`; set `wal_level = logical` in postgresql.conf and restart the server"
@@ -247,6 +315,7 @@ impl PgSource {
             dirty: false,
             server_end: Lsn(0),
             acked: Lsn(0),
+            tls,
         })
     }
 
@@ -255,6 +324,26 @@ impl PgSource {
         self.server_end
             .0
             .saturating_sub(self.acked.0.max(self.start_lsn.0))
+    }
+
+    /// This life of the slot: its name and the consistent point it was
+    /// created at. Positions recorded in another life (the slot dropped and
+    /// created again) do not apply to it.
+    pub fn slot_incarnation(&self) -> String {
+        format!(
+            "{}@{}",
+            self.state.slot,
+            self.state.slot_created_at.as_deref().unwrap_or("unknown")
+        )
+    }
+
+    /// How the connection is protected, for reports: `TLS (TLSv1.3)` or
+    /// `plain TCP (no TLS)`.
+    pub fn transport(&self) -> String {
+        match &self.tls {
+            Some(v) => format!("TLS ({v})"),
+            None => "plain TCP (no TLS)".into(),
+        }
     }
 
     /// The database name.
@@ -364,8 +453,8 @@ impl PgSource {
             reason,
             unreachable: false,
         };
-        let pc =
-            tokio_postgres::Config::from_str(&self.settings.url).map_err(|e| bad(e.to_string()))?;
+        let parsed = PgUrl::parse(&self.settings.url).map_err(bad)?;
+        let pc = tokio_postgres::Config::from_str(&parsed.url).map_err(|e| bad(e.to_string()))?;
         let host = match pc.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
@@ -380,6 +469,7 @@ impl PgSource {
             .get_password()
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .unwrap_or_default();
+        let tls = parsed.replication_tls(&host);
         Ok(ReplicationConfig::new(
             host,
             user,
@@ -393,7 +483,8 @@ impl PgSource {
         .with_application_name(format!("unilog-{}", self.settings.slot))
         .with_status_interval(Duration::from_secs(1))
         .with_wakeup_interval(Duration::from_secs(5))
-        .with_buffer_size(8192))
+        .with_buffer_size(8192)
+        .with_tls(tls))
     }
 
     /// Opens the slot: creates it (with an exported snapshot) when it does
@@ -413,11 +504,50 @@ impl PgSource {
             .await
             .map_err(query_err("reading replication slots"))?;
         let same_slot = self.state.slot == slot;
-        let snapshot_needed = self.settings.snapshot == SnapshotMode::Initial;
+        let mut snapshot_needed = self.settings.snapshot == SnapshotMode::Initial;
+        let wal_lost = existing
+            .as_ref()
+            .is_some_and(|r| r.get::<_, Option<String>>(3).as_deref() == Some("lost"));
+        // The slot went away under a pipeline that had streamed from it:
+        // the changes since the last delivered position cannot be read any
+        // more. (A slot whose initial snapshot did not finish is simply
+        // started over, below.)
+        let snapshot_unfinished = same_slot && !self.state.snapshot_complete;
+        let loss = match &existing {
+            None if same_slot && self.state.snapshot_complete => Some(SlotLoss::Dropped),
+            Some(_) if wal_lost && !snapshot_unfinished => Some(SlotLoss::Invalidated),
+            _ => None,
+        };
+        let mut existing = existing;
+        if let Some(loss) = loss {
+            let current: String = self
+                .client
+                .query_one("SELECT pg_current_wal_lsn()::text", &[])
+                .await
+                .map_err(query_err("reading the current WAL position"))?
+                .get(0);
+            let what = self.slot_loss_text(loss, &current);
+            match self.settings.on_slot_lost {
+                SlotLostPolicy::Stop => {
+                    return Err(PgError::SlotLost(self.slot_loss_advice(loss, &what)));
+                }
+                SlotLostPolicy::Resnapshot => {
+                    tracing::warn!(slot = %slot, "{what}; on_slot_lost is resnapshot: creating a new slot and copying the mapped tables again");
+                    if loss == SlotLoss::Invalidated {
+                        self.client
+                            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                            .await
+                            .map_err(query_err(format!("dropping invalidated slot {slot}")))?;
+                    }
+                    self.state.snapshot_complete = false;
+                    snapshot_needed = true;
+                    existing = None;
+                }
+            }
+        }
         if let Some(row) = &existing {
             let plugin: Option<String> = row.get(1);
             let db: Option<String> = row.get(2);
-            let wal_status: Option<String> = row.get(3);
             let active: bool = row.get(4);
             if plugin.as_deref() != Some("pgoutput")
                 || db.as_deref() != Some(self.database.as_str())
@@ -427,17 +557,17 @@ impl PgSource {
                     self.database
                 )));
             }
-            if wal_status.as_deref() == Some("lost") {
-                return Err(PgError::Setup(format!(
-                    "slot `{slot}` was invalidated by the server (WAL it needed was removed); drop it with `SELECT pg_drop_replication_slot('{slot}')` and restart unilog to take a new snapshot"
-                )));
-            }
             if active {
                 return Err(PgError::SlotBusy(format!(
                     "slot `{slot}` is in use by another process (another unilog running this pipeline, or the server has not yet noticed that a previous one died)"
                 )));
             }
             let resumable = !snapshot_needed || (same_slot && self.state.snapshot_complete);
+            if resumable && wal_lost {
+                return Err(PgError::Setup(format!(
+                    "slot `{slot}` was invalidated by the server (WAL it needed was removed); drop it with `SELECT pg_drop_replication_slot('{slot}')` and restart unilog to take a new snapshot"
+                )));
+            }
             if resumable {
                 let confirmed: Option<String> = row.get(0);
                 let confirmed = confirmed
@@ -456,7 +586,7 @@ impl PgSource {
                 self.repl = Some(
                     ReplicationClient::connect_gated(cfg)
                         .await
-                        .map_err(|e| PgError::Replication(e.to_string()))?,
+                        .map_err(repl_err(&self.settings.url))?,
                 );
                 return Ok(None);
             }
@@ -469,7 +599,7 @@ impl PgSource {
 
         let mut repl = ReplicationClient::connect_gated(self.replication_config()?)
             .await
-            .map_err(|e| PgError::Replication(e.to_string()))?;
+            .map_err(repl_err(&self.settings.url))?;
         let mode = if snapshot_needed { "export" } else { "nothing" };
         let rows = repl
             .simple_query(&format!(
@@ -477,7 +607,10 @@ impl PgSource {
                 quote_ident(&slot)
             ))
             .await
-            .map_err(|e| PgError::Setup(format!("cannot create replication slot `{slot}`: {e}")))?;
+            .map_err(|e| match e {
+                PgWireError::Tls(_) => repl_err(&self.settings.url)(e),
+                e => PgError::Setup(format!("cannot create replication slot `{slot}`: {e}")),
+            })?;
         let field = |i: usize| {
             rows.first()
                 .and_then(|r| r.get(i))
@@ -512,6 +645,38 @@ impl PgSource {
         Ok(reader)
     }
 
+    /// What happened to the slot, for the log and the error.
+    fn slot_loss_text(&self, loss: SlotLoss, current: &str) -> String {
+        let slot = &self.settings.slot;
+        let how = match loss {
+            SlotLoss::Dropped => "no longer exists (it was dropped)".to_string(),
+            SlotLoss::Invalidated => "was invalidated by the server (wal_status = lost: the WAL it needed was removed, see max_slot_wal_keep_size)".to_string(),
+        };
+        let delivered = self
+            .state
+            .delivered_lsn
+            .clone()
+            .unwrap_or_else(|| "its creation".into());
+        format!(
+            "replication slot `{slot}`, which this pipeline streamed from, {how}; changes committed between the last delivered position {delivered} and now ({current}) cannot be read any more and were not published"
+        )
+    }
+
+    /// The stop message: what happened and the commands that recover.
+    fn slot_loss_advice(&self, loss: SlotLoss, what: &str) -> String {
+        let slot = &self.settings.slot;
+        let drop = match loss {
+            SlotLoss::Dropped => String::new(),
+            SlotLoss::Invalidated => format!(
+                "`psql \"$PG_URL\" -c \"SELECT pg_drop_replication_slot('{slot}')\"`, then "
+            ),
+        };
+        format!(
+            "{what}. To recover, take a new snapshot of the mapped tables (consumers receive every current row again as op: snapshot events): either set `source.postgres.on_slot_lost: resnapshot` and start unilog again, or run {drop}`rm {}` and start unilog again (with `snapshot: initial`, the default, it then copies the tables)",
+            self.store.path().display()
+        )
+    }
+
     /// Records that the initial snapshot was fully delivered.
     pub fn snapshot_delivered(&mut self) -> Result<(), PgError> {
         self.state.snapshot_complete = true;
@@ -525,12 +690,10 @@ impl PgSource {
             .repl
             .as_mut()
             .ok_or_else(|| PgError::Replication("the slot was not opened".into()))?;
-        repl.start()
-            .await
-            .map_err(|e| PgError::Replication(e.to_string()))?;
+        repl.start().await.map_err(repl_err(&self.settings.url))?;
         repl.wait_started()
             .await
-            .map_err(|e| PgError::Replication(e.to_string()))?;
+            .map_err(repl_err(&self.settings.url))?;
         tracing::info!(slot = %self.settings.slot, from = %self.start_lsn, "streaming changes");
         Ok(())
     }
@@ -766,7 +929,7 @@ impl Source for PgSource {
                 .ok_or_else(|| PgError::Replication("the slot was not opened".into()))?;
             let next = match tokio::time::timeout(wait, repl.recv()).await {
                 Err(_) => return Ok(batch),
-                Ok(Err(e)) => return Err(PgError::Replication(e.to_string())),
+                Ok(Err(e)) => return Err(repl_err(&self.settings.url)(e)),
                 Ok(Ok(None)) => {
                     return Err(PgError::Replication(
                         "the server ended the replication stream".into(),
