@@ -216,6 +216,9 @@ pub struct PipelineConfig {
     pub on_bad_row: BadRowPolicy,
     /// Topic for dead letters; default `unilog.<name>.dead_letter`.
     pub dead_letter_topic: Option<String>,
+    /// What happens when a table's new shape (after DDL) cannot be published.
+    #[serde(default)]
+    pub on_schema_change: SchemaChangePolicy,
 }
 
 /// What to do with a change that cannot be published: a value that does
@@ -228,6 +231,20 @@ pub enum BadRowPolicy {
     DeadLetter,
     /// Stop the pipeline with the reason (nothing after it is acknowledged).
     Stop,
+}
+
+/// What to do when a table changes shape and its mapping or the registry
+/// refuses the new shape (an incompatible type change, a dropped column the
+/// mapping names).
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SchemaChangePolicy {
+    /// Stop the pipeline with the table, the column and the registry's verdict.
+    #[default]
+    Stop,
+    /// Send the table's changes to the dead-letter topic, with that reason,
+    /// until its shape or the mapping changes again; other tables go on.
+    DeadLetter,
 }
 
 /// Default time without progress after which `/ready` fails.

@@ -18,7 +18,8 @@ use futures::{FutureExt, StreamExt};
 
 use crate::checkpoint::FileCheckpointStore;
 use crate::config::{
-    BadRowPolicy, ConfigError, LoadedConfig, MongoConfig, PostgresConfig, SourceChoice,
+    BadRowPolicy, ConfigError, LoadedConfig, MongoConfig, PostgresConfig, SchemaChangePolicy,
+    SourceChoice,
 };
 use crate::event::{ChangeEvent, Lsn, Op, SeqKey, SourceKind, TableInfo};
 use crate::mapping::registry::RegistryClient;
@@ -171,6 +172,11 @@ struct Publisher<'a, K: Sink, P> {
     max_in_flight: usize,
     /// Where poison rows go; `None`: stop on them.
     dead_letter: Option<Arc<str>>,
+    /// Where changes of a table whose new shape is refused go; `None`: stop.
+    schema_dead_letter: Option<Arc<str>>,
+    /// Tables whose current shape was refused, with the shape and why: their
+    /// changes are dead-lettered until the shape changes again.
+    quarantined: HashMap<String, (Arc<TableInfo>, String)>,
     /// Set for exactly-once delivery.
     exactly_once: Option<ExactlyOnce>,
     stats: RunStats,
@@ -189,40 +195,88 @@ impl<K: Sink, P: std::fmt::Display + Send + 'static> Publisher<'_, K, P> {
             Err(e) if e.is_definite() && self.dead_letter.is_some() => {
                 out.truncate(before);
                 let topic = self.dead_letter.clone().unwrap_or_else(|| Arc::from(""));
-                let table = ev.table.qualified();
-                let id = dedup_id(ev);
-                tracing::warn!(table = %table, dedup_id = %id, error = %e, "change sent to the dead-letter topic");
-                metrics().inc(
-                    names::EVENTS_DEAD_LETTERED,
-                    &[("pipeline", &self.pipeline), ("table", &table)],
-                    1.0,
-                );
-                self.stats.dead_lettered += 1;
-                let mut body = serde_json::json!({
-                    "pipeline": self.pipeline,
-                    "table": table,
-                    "op": ev.op.as_str(),
-                    "dedup_id": id,
-                    "error": e.to_string(),
-                });
-                match ev.table.kind {
-                    SourceKind::Postgres => {
-                        body["lsn"] = ev.meta.lsn.to_string().into();
-                        body["xid"] = ev.meta.xid.into();
-                    }
-                    SourceKind::Mongo => {
-                        body["cluster_time"] = cluster_time_text(ev.meta.lsn.0).into();
-                    }
-                }
-                out.push(DomainEvent {
-                    topic,
-                    key: Some(table.into_bytes()),
-                    dedup_id: id,
-                    event_type: Arc::from("unilog.DeadLetter"),
-                    schema_id: 0,
-                    payload: Some(body.to_string().into_bytes()),
-                });
+                out.push(self.dead_letter_of(ev, topic, &e.to_string()));
                 Ok(1)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The dead letter of a change: JSON with where it came from and `error`,
+    /// never its values.
+    fn dead_letter_of(&mut self, ev: &ChangeEvent, topic: Arc<str>, error: &str) -> DomainEvent {
+        let table = ev.table.qualified();
+        let id = dedup_id(ev);
+        tracing::warn!(table = %table, dedup_id = %id, error = %error, "change sent to the dead-letter topic");
+        metrics().inc(
+            names::EVENTS_DEAD_LETTERED,
+            &[("pipeline", &self.pipeline), ("table", &table)],
+            1.0,
+        );
+        self.stats.dead_lettered += 1;
+        let mut body = serde_json::json!({
+            "pipeline": self.pipeline,
+            "table": table,
+            "op": ev.op.as_str(),
+            "dedup_id": id,
+            "error": error,
+        });
+        match ev.table.kind {
+            SourceKind::Postgres => {
+                body["lsn"] = ev.meta.lsn.to_string().into();
+                body["xid"] = ev.meta.xid.into();
+            }
+            SourceKind::Mongo => {
+                body["cluster_time"] = cluster_time_text(ev.meta.lsn.0).into();
+            }
+        }
+        DomainEvent {
+            topic,
+            key: Some(table.into_bytes()),
+            dedup_id: id,
+            event_type: Arc::from("unilog.DeadLetter"),
+            schema_id: 0,
+            payload: Some(body.to_string().into_bytes()),
+        }
+    }
+
+    /// Checks a table's new shape with the mapping and the registry. `false`
+    /// when the shape is refused and the policy dead-letters its changes
+    /// (then `ev` went to `out` as a dead letter).
+    async fn adopt_shape(
+        &mut self,
+        ev: &ChangeEvent,
+        out: &mut Vec<DomainEvent>,
+    ) -> Result<bool, PipelineError> {
+        let q = ev.table.qualified();
+        if let Some((shape, why)) = self.quarantined.get(&q) {
+            if same_shape(shape, &ev.table) {
+                let (topic, why) = (self.schema_dead_letter.clone(), why.clone());
+                if let Some(topic) = topic {
+                    out.push(self.dead_letter_of(ev, topic, &why));
+                    return Ok(false);
+                }
+            }
+        }
+        tracing::info!(table = %q, "the table's columns changed; deriving and checking its schema again");
+        match self.mapper.refresh(&ev.table, self.registry).await {
+            Ok(ids) => {
+                self.quarantined.remove(&q);
+                for (subject, id) in ids {
+                    tracing::info!(table = %q, subject = %subject, schema_id = id.unwrap_or_default(), "schema in use");
+                }
+                Ok(true)
+            }
+            Err(e) if !e.is_transient() && self.schema_dead_letter.is_some() => {
+                let why = format!("the table's new shape cannot be published: {e}");
+                tracing::error!(table = %q, error = %e, "the table's new shape is refused; its changes go to the dead-letter topic until the table or the mapping changes (on_schema_change: dead_letter)");
+                self.quarantined.insert(q, (ev.table.clone(), why.clone()));
+                let topic = self
+                    .schema_dead_letter
+                    .clone()
+                    .unwrap_or_else(|| Arc::from(""));
+                out.push(self.dead_letter_of(ev, topic, &why));
+                Ok(false)
             }
             Err(e) => Err(e.into()),
         }
@@ -260,15 +314,12 @@ impl<K: Sink, P: std::fmt::Display + Send + 'static> Publisher<'_, K, P> {
         // (table, read, published), few tables per batch.
         let mut tables: Vec<(Arc<TableInfo>, u64, u64)> = Vec::new();
         for ev in &events {
-            if self.mapper.needs_refresh(&ev.table) {
-                let q = ev.table.qualified();
-                tracing::info!(table = %q, "the table's columns changed; deriving and checking its schema again");
-                let ids = self.mapper.refresh(&ev.table, self.registry).await?;
-                for (subject, id) in ids {
-                    tracing::info!(table = %q, subject = %subject, schema_id = id.unwrap_or_default(), "schema in use");
-                }
-            }
-            let n = self.map_one(ev, &mut out)?;
+            let n =
+                if self.mapper.needs_refresh(&ev.table) && !self.adopt_shape(ev, &mut out).await? {
+                    1
+                } else {
+                    self.map_one(ev, &mut out)?
+                };
             if let Some(t) = ev.meta.commit_time_micros {
                 commit_times.extend(std::iter::repeat_n(t, n));
             }
@@ -602,7 +653,9 @@ async fn open_sink(cfg: &LoadedConfig, mapper: &Mapper) -> Result<KafkaSink, Pip
         .await?;
     }
     let mut topics = mapper.topics();
-    if cfg.config.on_bad_row == BadRowPolicy::DeadLetter {
+    if cfg.config.on_bad_row == BadRowPolicy::DeadLetter
+        || cfg.config.on_schema_change == SchemaChangePolicy::DeadLetter
+    {
         topics.push(cfg.dead_letter_topic());
     }
     ensure_topics(
@@ -632,6 +685,9 @@ fn publisher<'a, K: Sink, P>(
         max_in_flight: cfg.config.batch.max_in_flight,
         dead_letter: (cfg.config.on_bad_row == BadRowPolicy::DeadLetter)
             .then(|| Arc::from(cfg.dead_letter_topic().as_str())),
+        schema_dead_letter: (cfg.config.on_schema_change == SchemaChangePolicy::DeadLetter)
+            .then(|| Arc::from(cfg.dead_letter_topic().as_str())),
+        quarantined: HashMap::new(),
         exactly_once: cfg.config.kafka.exactly_once.then(|| ExactlyOnce {
             topic: cfg.progress_topic(),
             key: cfg.config.name.clone().into_bytes(),
@@ -757,6 +813,15 @@ fn ack_all<S: Source>(
         stats.last_acked = Some(last.to_string());
     }
     Ok(!acks.is_empty())
+}
+
+/// Same columns with the same types.
+fn same_shape(a: &TableInfo, b: &TableInfo) -> bool {
+    a.columns.len() == b.columns.len()
+        && a.columns
+            .iter()
+            .zip(&b.columns)
+            .all(|(x, y)| x.name == y.name && x.ty == y.ty)
 }
 
 /// The streaming loop shared by every source: read a batch, publish it,

@@ -172,3 +172,77 @@ async fn a_published_column_that_is_dropped_stops_with_file_and_line() {
     );
     db.cleanup().await;
 }
+
+/// With `on_schema_change: dead_letter`, a refused new shape sends the
+/// table's changes to the dead-letter topic (with the registry's verdict)
+/// and the pipeline goes on, other tables included; a later compatible
+/// shape publishes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_incompatible_change_can_dead_letter_instead_of_stopping() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE items (id bigint PRIMARY KEY, val bigint);
+             CREATE TABLE others (id bigint PRIMARY KEY, note text)",
+        )
+        .await
+        .unwrap();
+    let topic = format!("it.ddl.{}", suffix());
+    let other_topic = format!("{topic}.others");
+    let others = format!(
+        "table: others\ntopic: {other_topic}\nevents: {{insert: OtherAdded, update: OtherChanged, delete: OtherRemoved}}\n"
+    );
+    let fx = Fixture::new(
+        &stack,
+        &db,
+        &[
+            ("items.yaml", mapping(&topic, "")),
+            ("others.yaml", others),
+        ],
+        "on_schema_change: dead_letter\n",
+    );
+    let run = Running::start(&fx);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute("INSERT INTO items VALUES (1, 10)")
+        .await
+        .unwrap();
+    let before = consume(&stack.brokers, &topic, 1, Duration::from_millis(500), WAIT).await;
+    assert_eq!(before.len(), 1);
+    db.client
+        .batch_execute("ALTER TABLE items ALTER COLUMN val TYPE text")
+        .await
+        .unwrap();
+    db.client
+        .batch_execute(
+            "INSERT INTO items VALUES (2, 'twenty'); INSERT INTO items VALUES (3, 'thirty');
+             INSERT INTO others VALUES (1, 'goes on')",
+        )
+        .await
+        .unwrap();
+    // The other table goes on.
+    let other = consume(&stack.brokers, &other_topic, 1, Duration::from_millis(500), WAIT).await;
+    assert_eq!(other.len(), 1);
+    // The refused table's changes are dead letters, with the verdict.
+    let dead_letter_topic = format!("unilog.{}.dead_letter", fx.name);
+    let dead = consume(&stack.brokers, &dead_letter_topic, 2, Duration::from_secs(1), WAIT).await;
+    assert_eq!(dead.len(), 2);
+    for d in &dead {
+        let body: Json = serde_json::from_slice(&d.payload).unwrap();
+        let error = body["error"].as_str().unwrap();
+        assert_eq!(body["table"], "public.items");
+        assert!(
+            error.contains("new shape cannot be published") && error.contains("registry says"),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        consume(&stack.brokers, &topic, 1, Duration::from_secs(1), WAIT).await.len(),
+        1,
+        "nothing of the refused shape on the table's topic"
+    );
+    let stats = run.stop().await;
+    assert_eq!(stats.dead_lettered, 2);
+    db.cleanup().await;
+}
