@@ -196,10 +196,7 @@ async fn an_incompatible_change_can_dead_letter_instead_of_stopping() {
     let fx = Fixture::new(
         &stack,
         &db,
-        &[
-            ("items.yaml", mapping(&topic, "")),
-            ("others.yaml", others),
-        ],
+        &[("items.yaml", mapping(&topic, "")), ("others.yaml", others)],
         "on_schema_change: dead_letter\n",
     );
     let run = Running::start(&fx);
@@ -222,11 +219,25 @@ async fn an_incompatible_change_can_dead_letter_instead_of_stopping() {
         .await
         .unwrap();
     // The other table goes on.
-    let other = consume(&stack.brokers, &other_topic, 1, Duration::from_millis(500), WAIT).await;
+    let other = consume(
+        &stack.brokers,
+        &other_topic,
+        1,
+        Duration::from_millis(500),
+        WAIT,
+    )
+    .await;
     assert_eq!(other.len(), 1);
     // The refused table's changes are dead letters, with the verdict.
     let dead_letter_topic = format!("unilog.{}.dead_letter", fx.name);
-    let dead = consume(&stack.brokers, &dead_letter_topic, 2, Duration::from_secs(1), WAIT).await;
+    let dead = consume(
+        &stack.brokers,
+        &dead_letter_topic,
+        2,
+        Duration::from_secs(1),
+        WAIT,
+    )
+    .await;
     assert_eq!(dead.len(), 2);
     for d in &dead {
         let body: Json = serde_json::from_slice(&d.payload).unwrap();
@@ -238,7 +249,9 @@ async fn an_incompatible_change_can_dead_letter_instead_of_stopping() {
         );
     }
     assert_eq!(
-        consume(&stack.brokers, &topic, 1, Duration::from_secs(1), WAIT).await.len(),
+        consume(&stack.brokers, &topic, 1, Duration::from_secs(1), WAIT)
+            .await
+            .len(),
         1,
         "nothing of the refused shape on the table's topic"
     );
