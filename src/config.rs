@@ -182,6 +182,12 @@ pub fn line_of_field(text: &str, field: &str) -> Option<usize> {
     found
 }
 
+/// Names that also name slots, state files and transactional ids: letters,
+/// digits and `_`, at least one.
+pub fn is_plain_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Default number of partitions for topics unilog creates.
 pub const DEFAULT_PARTITIONS: i32 = 3;
 /// Default replication factor for topics unilog creates.
@@ -504,12 +510,7 @@ impl LoadedConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let c = &self.config;
-        if c.name.is_empty()
-            || !c
-                .name
-                .chars()
-                .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-        {
+        if !is_plain_name(&c.name) {
             return Err(self.err(
                 "name",
                 format!("`{}` must be letters, digits and `_` only (it names the slot and the publication)", c.name),

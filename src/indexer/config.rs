@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{load_yaml, ConfigError, RegistryConfig};
+use crate::config::{is_plain_name, load_yaml, ConfigError, RegistryConfig};
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -173,10 +173,6 @@ pub struct LoadedIndexerConfig {
     pub config: IndexerConfig,
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
 fn valid_index_name(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with(['_', '-', '+'])
@@ -222,7 +218,7 @@ impl IndexerConfig {
     /// Checks what the types cannot.
     pub fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let err = |field: &str, msg: String| ConfigError::at_field(path, text, field, msg);
-        if !valid_name(&self.name) {
+        if !is_plain_name(&self.name) {
             return Err(err(
                 "name",
                 format!("`{}`: use letters, digits and `_` only", self.name),

@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::config::{load_yaml, ConfigError, RegistryConfig};
+use crate::config::{is_plain_name, load_yaml, ConfigError, RegistryConfig};
+use crate::mapping::spec::is_avro_name;
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -150,24 +151,13 @@ pub struct LoadedJoinerConfig {
     pub config: JoinerConfig,
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-fn valid_avro_name(s: &str) -> bool {
-    let mut c = s.chars();
-    c.next()
-        .is_some_and(|f| f.is_ascii_alphabetic() || f == '_')
-        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
-}
-
 impl LoadedJoinerConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let (config, text): (JoinerConfig, String) = load_yaml(path)?;
         let err = |field: &str, msg: String| ConfigError::at_field(path, &text, field, msg);
         let c = &config;
-        if !valid_name(&c.name) {
+        if !is_plain_name(&c.name) {
             return Err(err(
                 "name",
                 format!("`{}`: use letters, digits and `_` only", c.name),
@@ -179,7 +169,7 @@ impl LoadedJoinerConfig {
         if c.output.topic == c.left.topic || c.output.topic == c.right.topic {
             return Err(err("topic", "the output topic is an input topic".into()));
         }
-        if c.right.key != "$key" && !valid_avro_name(&c.right.key) {
+        if c.right.key != "$key" && !is_avro_name(&c.right.key) {
             return Err(err(
                 "key",
                 format!(
@@ -189,19 +179,19 @@ impl LoadedJoinerConfig {
             ));
         }
         for (field, v) in [("record", &c.output.record), ("field", &c.output.field)] {
-            if !valid_avro_name(v) {
+            if !is_avro_name(v) {
                 return Err(err(field, format!("`{v}` is not an Avro name (letters, digits, `_`, not starting with a digit)")));
             }
         }
         if let Some(cf) = &c.output.count_field {
-            if !valid_avro_name(cf) {
+            if !is_avro_name(cf) {
                 return Err(err("count_field", format!("`{cf}` is not an Avro name")));
             }
         }
         if c.batch.max_records == 0 || c.batch.max_records > 100_000 {
             return Err(err("max_records", "use 1 to 100000".into()));
         }
-        if !valid_name(&c.kafka.instance) {
+        if !is_plain_name(&c.kafka.instance) {
             return Err(err(
                 "instance",
                 format!("`{}`: use letters, digits and `_` only", c.kafka.instance),

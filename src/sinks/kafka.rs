@@ -174,26 +174,7 @@ pub async fn ensure_topics(
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(replication)))
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let results = admin
-        .create_topics(&new, &opts)
-        .await
-        .map_err(|e| SinkError::Unreachable {
-            brokers: brokers.to_string(),
-            reason: e.to_string(),
-        })?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                return Err(SinkError::Topic {
-                    topic,
-                    reason: code.to_string(),
-                })
-            }
-        }
-    }
-    Ok(())
+    create_topics(&admin, brokers, &new).await
 }
 
 impl KafkaSink {
@@ -428,9 +409,18 @@ pub async fn ensure_progress_topic(
         .map_err(|e| SinkError::Setup(e.to_string()))?;
     let new = NewTopic::new(topic, 1, TopicReplication::Fixed(replication))
         .set("cleanup.policy", "compact");
+    create_topics(&admin, brokers, &[new]).await
+}
+
+/// Creates `topics`; one that exists already is fine.
+async fn create_topics(
+    admin: &AdminClient<DefaultClientContext>,
+    brokers: &str,
+    topics: &[NewTopic<'_>],
+) -> Result<(), SinkError> {
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
-        .create_topics([&new], &opts)
+        .create_topics(topics, &opts)
         .await
         .map_err(|e| SinkError::Unreachable {
             brokers: brokers.to_string(),

@@ -711,6 +711,7 @@ impl MongoSource {
 
     /// The saved position is gone from the server: stop, or copy again.
     fn history_lost(&mut self, why: &str) -> Result<(), MongoError> {
+        *self.stage.get_mut() = Stage::Start;
         let at = self
             .state
             .delivered_ts
@@ -730,7 +731,6 @@ impl MongoSource {
                     ..MongoCheckpoint::default()
                 };
                 self.save()?;
-                *self.stage.get_mut() = Stage::Start;
                 self.read_done.clear();
                 self.read_upto = None;
                 // A re-copy is a copy even when the first run had none.
@@ -928,7 +928,6 @@ impl MongoSource {
             }
         }
         if let Some(why) = lost {
-            *self.stage.get_mut() = Stage::Start;
             self.history_lost(&why)?;
             return Ok(SourceBatch::default());
         }
@@ -1016,7 +1015,6 @@ impl MongoSource {
             }
         }
         if let Some(why) = lost {
-            *self.stage.get_mut() = Stage::Start;
             self.history_lost(&why)?;
             return Ok(SourceBatch::default());
         }
