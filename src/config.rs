@@ -449,7 +449,16 @@ pub struct RegistryConfig {
     pub url: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// A file holding the password (a mounted secret), instead of `password`.
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates trusted for an `https://` URL, beside the system's.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
 }
+
+crate::endpoint::http_access!(RegistryConfig);
 
 /// How events are grouped on their way to Kafka.
 #[derive(Debug, Deserialize, Clone)]
@@ -494,7 +503,8 @@ pub struct LoadedConfig {
 impl LoadedConfig {
     /// Loads and validates a pipeline file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (config, text): (PipelineConfig, String) = load_yaml(path)?;
+        let (mut config, text): (PipelineConfig, String) = load_yaml(path)?;
+        config.schema_registry.resolve_files(path);
         let loaded = LoadedConfig {
             path: path.to_path_buf(),
             text,
@@ -586,13 +596,8 @@ impl LoadedConfig {
         if c.kafka.replication_factor < 1 {
             return Err(self.err("kafka.replication_factor", "must be at least 1"));
         }
-        if !c.schema_registry.url.starts_with("http://")
-            && !c.schema_registry.url.starts_with("https://")
-        {
-            return Err(self.err("schema_registry.url", "must start with http:// or https://"));
-        }
-        if c.schema_registry.password.is_some() && c.schema_registry.username.is_none() {
-            return Err(self.err("schema_registry.password", "is set without `username`"));
+        if let Err(e) = c.schema_registry.access().validate() {
+            return Err(self.err(&format!("schema_registry.{}", e.field), e.message));
         }
         if c.mappings.is_empty() {
             return Err(self.err("mappings", "lists no mapping file; add at least one"));

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod endpoint;
 pub mod event;
 pub mod http;
 pub mod indexer;

@@ -347,12 +347,7 @@ async fn index(config: PathBuf) -> ExitCode {
         };
         let c = &cfg.config;
         let state = if h.search {
-            match unilog::indexer::search::SearchClient::new(
-                &c.search.url,
-                c.search.username.clone(),
-                c.search.password.clone(),
-                std::time::Duration::from_secs(c.search.timeout_secs),
-            ) {
+            match unilog::indexer::search::SearchClient::from_config(&c.search) {
                 Ok(search) => Some(unilog::indexer::http::SearchState {
                     search,
                     aliases: c.indexes.iter().map(|i| i.alias.clone()).collect(),
@@ -605,7 +600,7 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
 /// Topics and the registry's latest schema version of each.
 async fn topics(cfg: &LoadedConfig) -> anyhow::Result<Vec<serde_json::Value>> {
     let reg = &cfg.config.schema_registry;
-    let registry = RegistryClient::new(&reg.url, reg.username.clone(), reg.password.clone())?;
+    let registry = RegistryClient::from_config(reg)?;
     let mut topics = Vec::new();
     for p in &cfg.config.mappings {
         let m = LoadedMapping::load(&cfg.resolve(p))?;

@@ -530,11 +530,10 @@ async fn map_and_register(
     let mut mapper = Mapper::new(mappings, tables)?;
     report.push(format!("mappings: ok for {}", mapper.tables().join(", ")));
     let reg = &cfg.config.schema_registry;
-    let registry = RegistryClient::new(&reg.url, reg.username.clone(), reg.password.clone())
-        .map_err(|source| MappingError::Registry {
-            file: cfg.path.clone(),
-            source,
-        })?;
+    let registry = RegistryClient::from_config(reg).map_err(|source| MappingError::Registry {
+        file: cfg.path.clone(),
+        source,
+    })?;
     for (subject, id) in mapper.register(&registry, dry_run).await? {
         report.push(match id {
             Some(id) => format!("schema registry: subject {subject} -> schema id {id}"),

@@ -728,7 +728,7 @@ async fn registry_basic_auth_refusal_is_clear() {
     let (db, fx) = db_with(&stack, ITEMS_DDL, &[("items.yaml", items_mapping(&topic))]).await;
     let registry_line = format!("url: {}", stack.registry);
     edit_pipeline(&fx, &registry_line, &format!("url: {}", registry.url));
-    let want = "items.yaml: schema registry refused the credentials (HTTP 401); check schema_registry.username/password";
+    let want = "items.yaml: schema registry refused the credentials (HTTP 401); check schema_registry.username and password/password_file";
     // No credentials at all.
     for (cmd, code) in [("check", 2), ("run", 1)] {
         expect(cmd, &fx.config, code, &[want]).await;

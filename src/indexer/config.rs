@@ -51,10 +51,19 @@ pub struct SearchConfig {
     pub url: String,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// A file holding the password (a mounted secret), instead of `password`.
+    pub password_file: Option<PathBuf>,
+    /// PEM certificates trusted for an `https://` URL, beside the system's.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate (PEM), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
     /// Per-request timeout.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
 }
+
+crate::endpoint::http_access!(SearchConfig);
 
 /// What part of a record becomes the document.
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -183,7 +192,9 @@ fn valid_index_name(s: &str) -> bool {
 impl LoadedIndexerConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (config, text): (IndexerConfig, String) = load_yaml(path)?;
+        let (mut config, text): (IndexerConfig, String) = load_yaml(path)?;
+        config.schema_registry.resolve_files(path);
+        config.search.resolve_files(path);
         config.validate(path, &text)?;
         Ok(LoadedIndexerConfig {
             path: path.to_path_buf(),
@@ -218,6 +229,14 @@ impl IndexerConfig {
     /// Checks what the types cannot.
     pub fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let err = |field: &str, msg: String| ConfigError::at_field(path, text, field, msg);
+        for (section, access) in [
+            ("schema_registry", self.schema_registry.access()),
+            ("search", self.search.access()),
+        ] {
+            if let Err(e) = access.validate() {
+                return Err(err(&format!("{section}.{}", e.field), e.message));
+            }
+        }
         if !is_plain_name(&self.name) {
             return Err(err(
                 "name",

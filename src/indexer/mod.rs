@@ -222,14 +222,9 @@ impl Indexer {
     /// Clients for the search server, the registry and the dead-letter topic.
     pub fn new(cfg: Arc<LoadedIndexerConfig>) -> Result<Indexer, IndexError> {
         let c = &cfg.config;
-        let search = SearchClient::new(
-            &c.search.url,
-            c.search.username.clone(),
-            c.search.password.clone(),
-            Duration::from_secs(c.search.timeout_secs),
-        )?;
+        let search = SearchClient::from_config(&c.search)?;
         let reg = &c.schema_registry;
-        let registry = RegistryClient::new(&reg.url, reg.username.clone(), reg.password.clone())?;
+        let registry = RegistryClient::from_config(reg)?;
         let mut pc = ClientConfig::new();
         pc.set("bootstrap.servers", &c.kafka.brokers)
             .set("client.id", "unilog-indexer")

@@ -16,6 +16,12 @@ use serde_json::{json, Value as Json};
 pub enum SearchError {
     #[error("search server at {url} is unreachable: {reason}; check search.url and that the server runs")]
     Unreachable { url: String, reason: String },
+    #[error("search server at {url}: the TLS connection failed: {reason}; check search.url and search.ca_file/cert_file/key_file")]
+    Tls { url: String, reason: String },
+    #[error("search server at {url}: {message}")]
+    Setup { url: String, message: String },
+    #[error("search server refused the credentials (HTTP {status}) to {what}; check search.username and password/password_file")]
+    Auth { status: u16, what: String },
     #[error("search server answered HTTP {status} to {what}: {body}")]
     Http {
         status: u16,
@@ -32,7 +38,10 @@ impl SearchError {
         match self {
             SearchError::Unreachable { .. } => true,
             SearchError::Http { status, .. } => *status == 429 || *status >= 500,
-            SearchError::Unreadable { .. } => false,
+            SearchError::Unreadable { .. }
+            | SearchError::Tls { .. }
+            | SearchError::Setup { .. }
+            | SearchError::Auth { .. } => false,
         }
     }
 }
@@ -62,20 +71,39 @@ impl SearchClient {
         password: Option<String>,
         timeout: Duration,
     ) -> Result<Self, SearchError> {
-        let shown = crate::config::redact_url(base);
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| SearchError::Unreachable {
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
+        let cfg = super::config::SearchConfig {
+            url: base.to_string(),
+            username,
+            password,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            timeout_secs: timeout.as_secs().max(1),
+        };
+        Self::from_config(&cfg)
+    }
+
+    /// A client for the `search` section: basic auth, TLS and the timeout.
+    pub fn from_config(cfg: &super::config::SearchConfig) -> Result<Self, SearchError> {
+        let shown = crate::config::redact_url(&cfg.url);
+        let access = cfg.access();
+        let setup = |e: crate::endpoint::AccessError| SearchError::Setup {
+            url: shown.clone(),
+            message: format!("search.{}: {}", e.field, e.message),
+        };
+        let http = access
+            .client(
+                reqwest::Client::builder()
+                    .timeout(Duration::from_secs(cfg.timeout_secs))
+                    .connect_timeout(Duration::from_secs(5)),
+            )
+            .map_err(setup)?;
         Ok(SearchClient {
             http,
-            base: base.trim_end_matches('/').to_string(),
+            base: cfg.url.trim_end_matches('/').to_string(),
+            auth: access.credentials().map_err(setup)?,
             shown,
-            auth: username.map(|u| (u, password)),
         })
     }
 
@@ -93,12 +121,31 @@ impl SearchClient {
         if let Some((ct, b)) = body {
             req = req.header(reqwest::header::CONTENT_TYPE, ct).body(b);
         }
-        let unreachable = |e: reqwest::Error| SearchError::Unreachable {
-            url: self.shown.clone(),
-            reason: format!("{what}: {e}").replace(&self.base, &self.shown),
+        let unreachable = |e: reqwest::Error| {
+            let reason = format!("{what}: {}", crate::endpoint::describe(&e))
+                .replace(&self.base, &self.shown);
+            if crate::endpoint::is_tls_failure(&reason) {
+                SearchError::Tls {
+                    url: self.shown.clone(),
+                    reason,
+                }
+            } else {
+                SearchError::Unreachable {
+                    url: self.shown.clone(),
+                    reason,
+                }
+            }
         };
         let resp = req.send().await.map_err(unreachable)?;
         let status = resp.status().as_u16();
+        // (403 stays an ordinary answer: it is also how a read-only index
+        // refuses writes, and its body says which.)
+        if status == 401 {
+            return Err(SearchError::Auth {
+                status,
+                what: what.to_string(),
+            });
+        }
         let bytes = resp.bytes().await.map_err(unreachable)?;
         let parsed = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
             Json::String(String::from_utf8_lossy(&bytes).chars().take(300).collect())

@@ -154,9 +154,13 @@ pub struct LoadedJoinerConfig {
 impl LoadedJoinerConfig {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (config, text): (JoinerConfig, String) = load_yaml(path)?;
+        let (mut config, text): (JoinerConfig, String) = load_yaml(path)?;
+        config.schema_registry.resolve_files(path);
         let err = |field: &str, msg: String| ConfigError::at_field(path, &text, field, msg);
         let c = &config;
+        if let Err(e) = c.schema_registry.access().validate() {
+            return Err(err(&format!("schema_registry.{}", e.field), e.message));
+        }
         if !is_plain_name(&c.name) {
             return Err(err(
                 "name",

@@ -222,7 +222,7 @@ async fn create_topics(
 async fn prepare(cfg: &LoadedJoinerConfig) -> Result<Prepared, JoinError> {
     let c = &cfg.config;
     let reg = &c.schema_registry;
-    let registry = RegistryClient::new(&reg.url, reg.username.clone(), reg.password.clone())?;
+    let registry = RegistryClient::from_config(reg)?;
     // Partition counts first: the refusal should not depend on schemas.
     let probe: BaseConsumer = consumer_config(&c.kafka.brokers, &cfg.group(), &c.kafka.properties)
         .create()

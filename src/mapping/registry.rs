@@ -17,7 +17,11 @@ const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 pub enum RegistryError {
     #[error("schema registry at {url} is unreachable: {reason}; check schema_registry.url and that the registry is running")]
     Unreachable { url: String, reason: String },
-    #[error("schema registry refused the credentials (HTTP {status}); check schema_registry.username/password")]
+    #[error("schema registry at {url}: the TLS connection failed: {reason}; check schema_registry.url and schema_registry.ca_file/cert_file/key_file")]
+    Tls { url: String, reason: String },
+    #[error("schema registry at {url}: {message}")]
+    Setup { url: String, message: String },
+    #[error("schema registry refused the credentials (HTTP {status}); check schema_registry.username and password/password_file")]
     Auth { status: u16 },
     #[error("subject `{subject}`: the schema is incompatible with the registered one: {}", messages.join("; "))]
     Incompatible {
@@ -105,22 +109,38 @@ impl RegistryClient {
         username: Option<String>,
         password: Option<String>,
     ) -> Result<Self, RegistryError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| RegistryError::Unreachable {
-                url: crate::config::redact_url(base),
-                reason: e
-                    .to_string()
-                    .replace(base, &crate::config::redact_url(base)),
-            })?;
-        let base = base.trim_end_matches('/').to_string();
+        let cfg = crate::config::RegistryConfig {
+            url: base.to_string(),
+            username,
+            password,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        };
+        Self::from_config(&cfg)
+    }
+
+    /// A client for the `schema_registry` section: basic auth and TLS.
+    pub fn from_config(cfg: &crate::config::RegistryConfig) -> Result<Self, RegistryError> {
+        let access = cfg.access();
+        let setup = |e: crate::endpoint::AccessError| RegistryError::Setup {
+            url: crate::config::redact_url(&cfg.url),
+            message: format!("schema_registry.{}: {}", e.field, e.message),
+        };
+        let http = access
+            .client(
+                reqwest::Client::builder()
+                    .timeout(Duration::from_secs(30))
+                    .connect_timeout(Duration::from_secs(5)),
+            )
+            .map_err(setup)?;
+        let base = cfg.url.trim_end_matches('/').to_string();
         Ok(RegistryClient {
             http,
             shown: crate::config::redact_url(&base),
             base,
-            auth: username.map(|u| (u, password)),
+            auth: access.credentials().map_err(setup)?,
         })
     }
 
@@ -141,9 +161,20 @@ impl RegistryClient {
             .header(reqwest::header::ACCEPT, CONTENT_TYPE)
             .send()
             .await
-            .map_err(|e| RegistryError::Unreachable {
-                url: self.shown.clone(),
-                reason: format!("{what}: {e}").replace(&self.base, &self.shown),
+            .map_err(|e| {
+                let reason = format!("{what}: {}", crate::endpoint::describe(&e))
+                    .replace(&self.base, &self.shown);
+                if crate::endpoint::is_tls_failure(&reason) {
+                    RegistryError::Tls {
+                        url: self.shown.clone(),
+                        reason,
+                    }
+                } else {
+                    RegistryError::Unreachable {
+                        url: self.shown.clone(),
+                        reason,
+                    }
+                }
             })?;
         let status = resp.status().as_u16();
         let body = resp.bytes().await.map_err(|e| RegistryError::Unreachable {
