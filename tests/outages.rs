@@ -23,6 +23,18 @@ fn start_while_down(
     brokers: &str,
     registry: &str,
 ) -> (Fixture, Killed, PathBuf) {
+    start_edited(stack, db, topic, brokers, registry, |t| t)
+}
+
+/// [`start_while_down`] with the pipeline file's text changed by `edit`.
+fn start_edited(
+    stack: &Stack,
+    db: &TestDb,
+    topic: &str,
+    brokers: &str,
+    registry: &str,
+    edit: impl Fn(String) -> String,
+) -> (Fixture, Killed, PathBuf) {
     let own_stack = Stack {
         pg_url: stack.pg_url.clone(),
         pg_admin_url: stack.pg_admin_url.clone(),
@@ -31,6 +43,8 @@ fn start_while_down(
     };
     let mapping = format!("table: items\ntopic: {topic}\nevents: {{insert: ItemAdded, update: ItemChanged, delete: ItemRemoved}}\n");
     let fx = Fixture::new(&own_stack, db, &[("items.yaml", mapping)], "");
+    let text = std::fs::read_to_string(&fx.config).unwrap();
+    std::fs::write(&fx.config, edit(text)).unwrap();
     let log = fx.dir.path().join("unilog.log");
     let unilog = Killed(
         Command::new(unilog_bin())
@@ -242,4 +256,125 @@ async fn a_registry_outage_while_streaming_is_waited_for() {
     }
     assert!(sigterm(&mut unilog.0).success());
     db.cleanup().await;
+}
+
+/// The network between unilog and the broker is cut for 15 s while the
+/// application keeps writing 4,000 rows: open connections are closed and
+/// new ones refused. The broker itself stays up, since the local broker
+/// keeps its data in memory only and a restart would lose the topic.
+/// `kafka_properties` are added to the pipeline's `kafka.properties`.
+/// Returns the repeats among the records, and unilog's log.
+async fn broker_network_outage(kafka_properties: &str) -> (usize, String) {
+    let stack = Stack::from_env();
+    let Some(tansu) = broker_binary() else {
+        panic!("the local broker binary is missing: run scripts/stack up first");
+    };
+    let broker_port = free_port();
+    let proxy = support::proxy::TcpProxy::start(&format!("127.0.0.1:{broker_port}"));
+    let brokers = format!("127.0.0.1:{}", proxy.port);
+    let _broker = Killed(
+        Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{broker_port}"),
+                // Clients come back through the proxy.
+                "--advertised-listener-url",
+                &format!("tcp://{brokers}"),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let db = TestDb::create(&stack).await;
+    db.client
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL);")
+        .await
+        .unwrap();
+    let topic = format!("it.out.{}", suffix());
+    let (fx, mut unilog, log) = start_edited(&stack, &db, &topic, &brokers, &stack.registry, |t| {
+        t.replace(
+            "  partitions: 3\n",
+            &format!("  partitions: 3\n  properties:\n{kafka_properties}"),
+        )
+    });
+    db.wait_streaming(&fx.slot, WAIT).await;
+
+    // 4,000 rows in 80 transactions over about 20 s.
+    const ROWS: i64 = 4000;
+    let writer = connect(&db.url).await;
+    let load = tokio::spawn(async move {
+        for batch in 0..80 {
+            let from = batch * 50 + 1;
+            writer
+                .batch_execute(&format!(
+                    "INSERT INTO items SELECT g, g FROM generate_series({from}, {}) g",
+                    from + 49
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(
+        unilog.0.try_wait().unwrap().is_none(),
+        "unilog exited during the outage: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("AllBrokersDown"), "no outage seen:\n{text}");
+    proxy.restore();
+    load.await.unwrap();
+
+    let records = consume(
+        &brokers,
+        &topic,
+        ROWS as usize,
+        Duration::from_secs(3),
+        WAIT,
+    )
+    .await;
+    let mut dec = Decoder::new(&stack.registry);
+    let events = decode_all(&mut dec, &records).await;
+    let mut ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let total = ids.len();
+    ids.dedup();
+    assert_eq!(ids, (1..=ROWS).collect::<Vec<_>>(), "changes lost");
+    assert!(sigterm(&mut unilog.0).success());
+    db.cleanup().await;
+    let repeats = total - ids.len();
+    eprintln!("broker outage: {ROWS} rows, {total} records, {repeats} repeats");
+    (repeats, std::fs::read_to_string(&log).unwrap())
+}
+
+/// Shorter than the producer's delivery timeout (300 s): librdkafka
+/// holds and resends the batches itself, and its idempotence keeps them
+/// single.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_network_outage_while_streaming_loses_nothing() {
+    let (repeats, log) = broker_network_outage("    linger.ms: \"5\"\n").await;
+    assert_eq!(repeats, 0);
+    assert!(!log.contains("retrying"), "{log}");
+}
+
+/// Longer than the delivery timeout (set to 5 s): deliveries fail, the
+/// pipeline restarts from the slot's acknowledged position and sends
+/// again. Repeats are allowed (at-least-once); losses are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_outage_longer_than_the_delivery_timeout_loses_nothing() {
+    let (_, log) = broker_network_outage("    message.timeout.ms: \"5000\"\n").await;
+    assert!(
+        log.contains("MessageTimedOut") && log.contains("pipeline failed; retrying"),
+        "the delivery timeout did not restart the pipeline:\n{log}"
+    );
 }
