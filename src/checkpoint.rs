@@ -38,6 +38,11 @@ impl PgCheckpoint {
 pub struct MongoCheckpoint {
     /// `change_streams` or `oplog`: positions of one mode mean nothing to the other.
     pub mode: String,
+    /// Names this state's life: made when the file is first written, kept
+    /// across a re-copy. Exactly-once progress records of another life
+    /// (the file was moved away) do not apply.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub life: Option<String>,
     /// Cluster time (`{"t": .., "i": ..}`) noted before the initial copy;
     /// streaming starts just after it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

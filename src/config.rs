@@ -538,12 +538,6 @@ impl LoadedConfig {
                 if m.max_await_ms == 0 {
                     return Err(self.err("source.mongo.max_await_ms", "must be at least 1"));
                 }
-                if c.kafka.exactly_once {
-                    return Err(self.err(
-                        "kafka.exactly_once",
-                        "is supported for source.postgres only so far; remove it (delivery is then at least once, with stable dedup ids)",
-                    ));
-                }
                 return self.validate_common();
             }
             (Some(_), Some(_)) => {

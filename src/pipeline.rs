@@ -716,7 +716,24 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
                 tracing::info!("{line}");
             }
             let sink = open_sink(cfg, &mapper).await?;
+            // Exactly once: the transactional producer also fences an
+            // older process of this pipeline that is still running.
+            let sink = if cfg.config.kafka.exactly_once {
+                let kafka = &cfg.config.kafka;
+                let id = format!("unilog-{name}");
+                KafkaSink::transactional(&kafka.brokers, &kafka.properties, &id).await?
+            } else {
+                sink
+            };
             let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
+            if let Some(eo) = publisher.exactly_once.as_mut() {
+                // The state file may lag the progress topic by the batches
+                // in flight at a crash: changes up to the committed one
+                // are read again and skipped.
+                eo.committed =
+                    committed_progress(cfg, publisher.sink, &eo.topic, source.incarnation()?)
+                        .await?;
+            }
             health().set_phase(&name, Phase::Snapshot);
             let monitor = tokio::spawn(source.headroom_monitor());
             let r = stream(&mut source, &mut publisher, &stop, cfg).await;
@@ -963,11 +980,11 @@ async fn committed_progress<K: Sink>(
             Ok(p)
         }
         Ok(p) => {
-            tracing::info!(topic, recorded = %p.slot, current = %incarnation, "exactly once: the progress topic records another life of the slot; starting from the slot");
+            tracing::info!(topic, recorded = %p.slot, current = %incarnation, "exactly once: the progress topic records another life of the source (a new slot, or a new MongoDB state file); starting from the source's own position");
             Ok(fresh)
         }
         Err(e) => {
-            tracing::warn!(topic, error = %e, "exactly once: unreadable progress record; starting from the slot (changes may repeat once)");
+            tracing::warn!(topic, error = %e, "exactly once: unreadable progress record; starting from the source's own position (changes may repeat once)");
             Ok(fresh)
         }
     }

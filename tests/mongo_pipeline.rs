@@ -465,6 +465,171 @@ async fn oplog_kill_and_restart_loses_nothing() {
     kill_and_restart("oplog").await;
 }
 
+/// `kafka.exactly_once: true`: SIGKILL again and again while documents are
+/// inserted and updated; a `read_committed` reader finds every change once
+/// (on a broker that hides aborted transactions; the local one does not,
+/// so there at most the batch in flight at each kill shows twice).
+async fn exactly_once_across_sigkills(mode: &str) {
+    use rand::Rng;
+    let stack = Stack::from_env();
+    let fx = MongoFixture::new(
+        &stack,
+        mode,
+        "    full_document: when_available\n",
+        "batch:\n  max_events: 100\n  max_wait_ms: 10\n",
+    )
+    .await;
+    let text = std::fs::read_to_string(&fx.config).unwrap();
+    std::fs::write(
+        &fx.config,
+        text.replace(
+            "  partitions: 3\n",
+            "  partitions: 3\n  exactly_once: true\n",
+        ),
+    )
+    .unwrap();
+    let users = fx.users();
+    users
+        .insert_many((0..500).map(user).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    let mut child = spawn_unilog(&fx);
+    let state = fx.dir.path().join(format!("state/{}.mongo.json", fx.name));
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(&state)
+        .unwrap_or_default()
+        .contains("\"copy_complete\": true")
+    {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the copy did not finish:\n{}",
+            unilog_log(&fx)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // 3,000 inserts and 1,000 updates.
+    let writer = {
+        let users = users.clone();
+        tokio::spawn(async move {
+            let mut ids: Vec<Bson> = Vec::new();
+            let mut changes = 0;
+            for round in 0..30 {
+                let batch: Vec<Document> = (0..100).map(|i| user(1000 + round * 100 + i)).collect();
+                ids.extend(batch.iter().map(|d| d.get("_id").unwrap().clone()));
+                users.insert_many(batch).await.unwrap();
+                changes += 100;
+                for _ in 0..33 {
+                    let id = ids[rand::rng().random_range(0..ids.len())].clone();
+                    users
+                        .update_one(doc! {"_id": id}, doc! {"$inc": {"age": 1}})
+                        .await
+                        .unwrap();
+                    changes += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            changes
+        })
+    };
+    let mut kills = 0;
+    while !writer.is_finished() && kills < 8 {
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(300..1500))).await;
+        kill9(&mut child);
+        kills += 1;
+        child = spawn_unilog(&fx);
+    }
+    let written = writer.await.unwrap() + 500;
+    let waited = std::time::Instant::now();
+    let records = loop {
+        let records = consume(
+            &stack.brokers,
+            &fx.topic,
+            written,
+            Duration::from_secs(3),
+            TIMEOUT,
+        )
+        .await;
+        let distinct: HashSet<&str> = records
+            .iter()
+            .filter_map(|r| r.headers.get("unilog.dedup_id").map(String::as_str))
+            .collect();
+        if distinct.len() >= written || waited.elapsed() > Duration::from_secs(60) {
+            break records;
+        }
+    };
+    let status = support::sigterm(&mut child.0);
+    assert!(status.success(), "{status:?}\n{}", unilog_log(&fx));
+    let log = unilog_log(&fx);
+    let skipped: u64 = log
+        .lines()
+        .filter(|l| l.contains("skipped changes that an earlier run committed"))
+        .filter_map(|l| {
+            l.split("skipped=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    let mut by_id: HashMap<&str, &[u8]> = HashMap::new();
+    let mut repeats = 0;
+    for r in &records {
+        let id = r.headers["unilog.dedup_id"].as_str();
+        if let Some(prev) = by_id.insert(id, &r.payload) {
+            repeats += 1;
+            assert_eq!(prev, r.payload.as_slice(), "dedup id {id} with other bytes");
+        }
+    }
+    assert_eq!(by_id.len(), written, "changes lost\n{log}");
+    let strict = support::broker_hides_aborted_records(&stack.brokers).await;
+    println!(
+        "{mode} exactly once: {written} changes, {kills} SIGKILLs, {} records, {repeats} repeats, {skipped} changes read again and skipped; the broker {} aborted transactions",
+        records.len(),
+        if strict { "hides" } else { "does NOT hide" }
+    );
+    assert!(skipped > 0, "no restart had to skip committed changes");
+    if strict {
+        assert_eq!(repeats, 0, "a read_committed reader read changes twice");
+    } else {
+        assert!(
+            repeats <= kills * 100,
+            "{repeats} repeats: more than one aborted batch per kill explains"
+        );
+    }
+    // The final state is the collection's.
+    let mut sorted: Vec<&Record> = records.iter().collect();
+    sorted.sort_by_key(|r| (r.partition, r.offset));
+    let sorted: Vec<Record> = sorted.into_iter().cloned().collect();
+    let decoded = decode_all(&mut Decoder::new(&stack.registry), &sorted).await;
+    let want: BTreeMap<String, i64> = users
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| (hex(d), i64::from(d.get_i32("age").unwrap())))
+        .collect();
+    let got: BTreeMap<String, i64> = final_state(&decoded)
+        .into_iter()
+        .map(|(k, after)| (k, after["age"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(got, want, "final state differs");
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn change_streams_exactly_once_across_sigkills() {
+    exactly_once_across_sigkills("change_streams").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oplog_exactly_once_across_sigkills() {
+    exactly_once_across_sigkills("oplog").await;
+}
+
 /// The position falls off the oplog while unilog is stopped: `stop` says
 /// so and exits; `recopy` copies again and goes on.
 async fn lost_position(mode: &str) {

@@ -526,3 +526,53 @@ pub fn venv_python() -> PathBuf {
     );
     py
 }
+
+/// Whether `read_committed` readers skip the records of an aborted
+/// transaction, as Apache Kafka does. The local stack's broker does not.
+pub async fn broker_hides_aborted_records(brokers: &str) -> bool {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let brokers = brokers.to_string();
+    let topic = format!("it.eo.probe.{}", suffix());
+    let probe = topic.clone();
+    let b = brokers.clone();
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .set("transactional.id", format!("probe-{}", suffix()))
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        producer
+            .send(
+                BaseRecord::<str, [u8]>::to(&probe)
+                    .key("k")
+                    .payload(b"aborted"),
+            )
+            .unwrap();
+        producer.flush(Duration::from_secs(30)).unwrap();
+        producer.abort_transaction(Duration::from_secs(30)).unwrap();
+        producer.begin_transaction().unwrap();
+        producer
+            .send(
+                BaseRecord::<str, [u8]>::to(&probe)
+                    .key("k")
+                    .payload(b"committed"),
+            )
+            .unwrap();
+        producer
+            .commit_transaction(Duration::from_secs(30))
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let recs = consume(
+        &brokers,
+        &topic,
+        1,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    !recs.iter().any(|r| r.payload == b"aborted")
+}

@@ -392,6 +392,13 @@ impl MongoSource {
                 state.mode
             )));
         }
+        if state.life.is_none() {
+            state.life = Some(format!(
+                "{}-{}",
+                chrono::Utc::now().format("%Y%m%dT%H%M%S%.6fZ"),
+                std::process::id()
+            ));
+        }
         let order: Vec<String> = collections.iter().map(|t| t.qualified()).collect();
         let delivered = state
             .delivered_ts
@@ -426,6 +433,19 @@ impl MongoSource {
             read_done: Vec::new(),
             read_upto: None,
         })
+    }
+
+    /// Names this state's life, for exactly-once progress records; saves
+    /// a new state file first, so the name outlives a crash.
+    pub fn incarnation(&mut self) -> Result<String, MongoError> {
+        if !self.state_path.exists() {
+            self.save()?;
+        }
+        Ok(format!(
+            "mongo:{}@{}",
+            self.pipeline,
+            self.state.life.as_deref().unwrap_or("unknown")
+        ))
     }
 
     /// One line for `unilog check` and the start-up log.
@@ -728,6 +748,7 @@ impl MongoSource {
                 tracing::warn!(position = %at, reason = %why, "the saved position is no longer in the oplog; copying the collections again");
                 self.state = MongoCheckpoint {
                     mode: self.state.mode.clone(),
+                    life: self.state.life.clone(),
                     ..MongoCheckpoint::default()
                 };
                 self.save()?;
