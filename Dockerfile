@@ -6,8 +6,8 @@
 #     -v "$PWD/pipeline:/etc/unilog:ro" -v unilog-state:/var/lib/unilog \
 #     unilog run --config /etc/unilog/pipeline.yaml
 #
-# The binary is built with `--features kafka-tls` (librdkafka with OpenSSL), so SASL_SSL and SCRAM
-# work. State belongs on a volume: /var/lib/unilog (state_dir: /var/lib/unilog), or /app/.unilog
+# The default build links librdkafka with OpenSSL (the `kafka-tls` feature), so SSL, SASL_SSL and
+# SCRAM work. State belongs on a volume: /var/lib/unilog (state_dir: /var/lib/unilog), or /app/.unilog
 # for the bundled config/demo.yaml. docker-compose.yml runs the demo pipeline with this image.
 # scripts/check-compose checks this file's shape without an engine.
 
@@ -16,7 +16,7 @@ ARG DEBIAN=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN} AS builder
 # What the rdkafka crate needs to build librdkafka with its own configure and make (no cmake),
-# with zlib and OpenSSL from the system.
+# with zlib and OpenSSL from the system (the same packages as `scripts/stack build-deps`).
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         build-essential pkg-config libssl-dev zlib1g-dev \
@@ -25,7 +25,7 @@ WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --features kafka-tls --bin unilog \
+    cargo build --release --locked --bin unilog \
     && install -m 0755 target/release/unilog /usr/local/bin/unilog
 
 FROM debian:${DEBIAN}-slim AS runtime

@@ -150,7 +150,8 @@ async fn secure_example_loads_and_its_mappings_compile() {
         );
         assert!(cfg.config.schema_registry.username.is_some());
         // Whether librdkafka takes these settings depends on the build:
-        // only `--features kafka-tls` links OpenSSL.
+        // the default one (feature `kafka-tls`) links OpenSSL,
+        // `--no-default-features` does not.
         let sink = KafkaSink::new(&cfg.config.kafka.brokers, props);
         if cfg!(feature = "kafka-tls") {
             assert!(sink.is_ok(), "{rel}: {:?}", sink.err());

