@@ -256,6 +256,14 @@ pub fn describe(e: &reqwest::Error) -> String {
     out
 }
 
+/// A failed request, described with `what` was asked and the password of
+/// `base` hidden (`shown`); true when it is a TLS failure.
+pub fn failure(e: &reqwest::Error, what: &str, base: &str, shown: &str) -> (String, bool) {
+    let reason = format!("{what}: {}", describe(e)).replace(base, shown);
+    let tls = is_tls_failure(&reason);
+    (reason, tls)
+}
+
 /// Whether a described request failure is about TLS (a certificate, a
 /// handshake, or TLS spoken to a plain server): a setting to fix, not an
 /// outage to wait out.

@@ -668,6 +668,20 @@ async fn open_sink(cfg: &LoadedConfig, mapper: &Mapper) -> Result<KafkaSink, Pip
     Ok(sink)
 }
 
+/// With `kafka.exactly_once`, the transactional producer
+/// (`transactional.id` `unilog-<name>`) in place of `sink`.
+async fn transactional_if_asked(
+    cfg: &LoadedConfig,
+    sink: KafkaSink,
+) -> Result<KafkaSink, PipelineError> {
+    let kafka = &cfg.config.kafka;
+    if !kafka.exactly_once {
+        return Ok(sink);
+    }
+    let id = format!("unilog-{}", cfg.config.name);
+    Ok(KafkaSink::transactional(&kafka.brokers, &kafka.properties, &id).await?)
+}
+
 fn publisher<'a, K: Sink, P>(
     cfg: &LoadedConfig,
     sink: &'a K,
@@ -718,13 +732,7 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
             let sink = open_sink(cfg, &mapper).await?;
             // Exactly once: the transactional producer also fences an
             // older process of this pipeline that is still running.
-            let sink = if cfg.config.kafka.exactly_once {
-                let kafka = &cfg.config.kafka;
-                let id = format!("unilog-{name}");
-                KafkaSink::transactional(&kafka.brokers, &kafka.properties, &id).await?
-            } else {
-                sink
-            };
+            let sink = transactional_if_asked(cfg, sink).await?;
             let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
             if let Some(eo) = publisher.exactly_once.as_mut() {
                 // The state file may lag the progress topic by the batches
@@ -767,13 +775,7 @@ async fn run_pg(
     // Exactly once: the transactional producer fences any other producer
     // of this pipeline, so it starts only once this process got the slot
     // (a second process stops at "slot in use" without fencing the first).
-    let sink = if cfg.config.kafka.exactly_once {
-        let kafka = &cfg.config.kafka;
-        let id = format!("unilog-{name}");
-        KafkaSink::transactional(&kafka.brokers, &kafka.properties, &id).await?
-    } else {
-        sink
-    };
+    let sink = transactional_if_asked(cfg, sink).await?;
     let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
 
     if let Some(mut snap) = opened {

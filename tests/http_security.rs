@@ -59,25 +59,51 @@ fn copy_pki(pki: &Path, to: &Path) {
     }
 }
 
-fn items_fixture(stack: &Stack, db: &TestDb, topic: &str) -> Fixture {
+/// What the pipeline tests share: a test CA, a gateway to the registry,
+/// a database with `items` (after `sql`), and a pipeline fixture on it
+/// with the client certificate files in its folder.
+struct Setup {
+    _pki: tempfile::TempDir,
+    gw: Gateway,
+    db: TestDb,
+    topic: String,
+    fx: Fixture,
+}
+
+async fn setup(stack: &Stack, sql: &str) -> Setup {
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path());
+    let gw = gateway(pki.path(), &stack.registry, "unilog", REGISTRY_PASSWORD);
+    let db = TestDb::create(stack).await;
+    db.client
+        .batch_execute(&format!(
+            "CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL); {sql}"
+        ))
+        .await
+        .unwrap();
+    let topic = format!("it.tls.{}", suffix());
     let mapping = format!("table: items\ntopic: {topic}\nevents: {{insert: ItemAdded, update: ItemChanged, delete: ItemRemoved}}\n");
-    Fixture::new(stack, db, &[("items.yaml", mapping)], "")
+    let fx = Fixture::new(stack, &db, &[("items.yaml", mapping)], "");
+    copy_pki(pki.path(), fx.dir.path());
+    Setup {
+        _pki: pki,
+        gw,
+        db,
+        topic,
+        fx,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_pipeline_registers_through_tls_basic_auth_and_a_client_certificate() {
     let stack = Stack::from_env();
-    let pki = tempfile::tempdir().unwrap();
-    make_pki(pki.path());
-    let gw = gateway(pki.path(), &stack.registry, "unilog", REGISTRY_PASSWORD);
-    let db = TestDb::create(&stack).await;
-    db.client
-        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL); INSERT INTO items VALUES (1, 1);")
-        .await
-        .unwrap();
-    let topic = format!("it.tls.{}", suffix());
-    let fx = items_fixture(&stack, &db, &topic);
-    copy_pki(pki.path(), fx.dir.path());
+    let Setup {
+        _pki,
+        gw,
+        db,
+        topic,
+        fx,
+    } = setup(&stack, "INSERT INTO items VALUES (1, 1);").await;
     std::fs::write(
         fx.dir.path().join("registry.pw"),
         format!("{REGISTRY_PASSWORD}\n"),
@@ -142,17 +168,9 @@ async fn a_pipeline_registers_through_tls_basic_auth_and_a_client_certificate() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tls_and_credential_mistakes_are_named_and_not_retried() {
     let stack = Stack::from_env();
-    let pki = tempfile::tempdir().unwrap();
-    make_pki(pki.path());
-    let gw = gateway(pki.path(), &stack.registry, "unilog", REGISTRY_PASSWORD);
-    let db = TestDb::create(&stack).await;
-    db.client
-        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL);")
-        .await
-        .unwrap();
-    let topic = format!("it.tls.{}", suffix());
-    let fx = items_fixture(&stack, &db, &topic);
-    copy_pki(pki.path(), fx.dir.path());
+    let Setup {
+        _pki, gw, db, fx, ..
+    } = setup(&stack, "").await;
     let pw = fx.dir.path().join("registry.pw");
     let plain = std::fs::read_to_string(&fx.config).unwrap();
     let base = fx.config.clone();

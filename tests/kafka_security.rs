@@ -20,7 +20,7 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,43 +29,6 @@ use support::tls::{make_ca, make_server_cert};
 use support::*;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-/// A private Tansu on `port`, advertising `advertised` (the TLS endpoint in
-/// front of it, or itself).
-fn tansu(port: u16, advertised: u16, authentication: bool) -> Killed {
-    let bin = broker_binary().expect("the local broker binary is missing: run scripts/stack up");
-    let mut cmd = Command::new(bin);
-    cmd.args([
-        "broker",
-        "--listener-url",
-        &format!("tcp://127.0.0.1:{port}"),
-        "--advertised-listener-url",
-        &format!("tcp://127.0.0.1:{advertised}"),
-        "--storage-engine",
-        "memory://tansu/",
-    ]);
-    if authentication {
-        cmd.arg("--authentication");
-    }
-    let broker = Killed(
-        cmd.env_remove("STORAGE_ENGINE")
-            .env_remove("LISTENER_URL")
-            .env_remove("ADVERTISED_LISTENER_URL")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the broker"),
-    );
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the broker did not listen on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    broker
-}
 
 /// A TLS endpoint on `port` that forwards each connection to the plaintext
 /// broker on `upstream`, with `server.crt`/`server.key` from `certs`.
@@ -212,7 +175,7 @@ async fn rows_reach_the_topic_over_tls() {
     let ca = make_ca(certs.path(), "ca");
     make_server_cert(certs.path(), "ca");
     let (plain, port) = (free_port(), free_port());
-    let _broker = tansu(plain, port, false);
+    let _broker = private_broker(plain, port, &[]);
     let front = tls_front(certs.path(), port, plain).await;
     let brokers = format!("127.0.0.1:{port}");
     let ca_text = ca.display().to_string();
@@ -259,7 +222,7 @@ async fn a_wrong_ca_stops_unilog_naming_the_certificate_setting() {
     make_server_cert(certs.path(), "ca");
     let other = make_ca(certs.path(), "other");
     let (plain, port) = (free_port(), free_port());
-    let _broker = tansu(plain, port, false);
+    let _broker = private_broker(plain, port, &[]);
     let front = tls_front(certs.path(), port, plain).await;
     let brokers = format!("127.0.0.1:{port}");
     let props = format!(
@@ -303,7 +266,7 @@ async fn a_refused_scram_login_stops_unilog_and_the_password_stays_secret() {
     let (plain, port) = (free_port(), free_port());
     // Advertised: the TLS endpoint; a SASL_PLAINTEXT client is refused
     // during the login, before it reads the metadata.
-    let _broker = tansu(plain, port, true);
+    let _broker = private_broker(plain, port, &["--authentication"]);
     let front = tls_front(certs.path(), port, plain).await;
     let password = format!("pw-{}-secret", suffix());
     let env = [("UNILOG_TEST_KAFKA_PASSWORD", password.as_str())];
@@ -358,7 +321,7 @@ async fn a_refused_scram_login_stops_unilog_and_the_password_stays_secret() {
 async fn a_mechanism_the_broker_does_not_offer_is_named_while_retrying() {
     let stack = Stack::from_env();
     let port = free_port();
-    let _broker = tansu(port, port, true);
+    let _broker = private_broker(port, port, &["--authentication"]);
     let password = format!("pw-{}-secret", suffix());
     let env = [("UNILOG_TEST_KAFKA_PASSWORD", password.as_str())];
     let brokers = format!("127.0.0.1:{port}");

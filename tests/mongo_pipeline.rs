@@ -247,6 +247,43 @@ async fn oplog_every_operation_gives_its_event() {
 
 /// Final state per key from the topic: the last event's `after` (absent
 /// after a delete).
+/// `age` of every document of the collection, by `_id`.
+async fn ages_in(users: &mongodb::Collection<Document>) -> BTreeMap<String, i64> {
+    users
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect::<Vec<Document>>()
+        .await
+        .unwrap()
+        .iter()
+        .map(|d| (hex(d), i64::from(d.get_i32("age").unwrap())))
+        .collect()
+}
+
+/// `age` of every document as the events leave it, by key.
+fn ages_of(decoded: &[Json]) -> BTreeMap<String, i64> {
+    final_state(decoded)
+        .into_iter()
+        .map(|(k, after)| (k, after["age"].as_i64().unwrap()))
+        .collect()
+}
+
+/// Until the state file says the initial copy is delivered.
+async fn wait_copy_complete(fx: &MongoFixture, state: &std::path::Path, since: std::time::Instant) {
+    while !std::fs::read_to_string(state)
+        .unwrap_or_default()
+        .contains("\"copy_complete\": true")
+    {
+        assert!(
+            since.elapsed() < TIMEOUT,
+            "the copy did not finish:\n{}",
+            unilog_log(fx)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn final_state(decoded: &[Json]) -> BTreeMap<String, Json> {
     let mut out = BTreeMap::new();
     for (k, events) in by_key(decoded) {
@@ -304,20 +341,8 @@ async fn copy_with_concurrent_writes(mode: &str) {
     writer.await.unwrap();
     let (_, decoded) = read(&stack, &fx.topic, 3000).await;
     let stats = running.stop().await;
-    let want: BTreeMap<String, i64> = users
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect::<Vec<Document>>()
-        .await
-        .unwrap()
-        .iter()
-        .map(|d| (hex(d), i64::from(d.get_i32("age").unwrap())))
-        .collect();
-    let got: BTreeMap<String, i64> = final_state(&decoded)
-        .into_iter()
-        .map(|(k, after)| (k, after["age"].as_i64().unwrap()))
-        .collect();
+    let want = ages_in(&users).await;
+    let got = ages_of(&decoded);
     assert_eq!(
         got.len(),
         want.len(),
@@ -496,17 +521,7 @@ async fn exactly_once_across_sigkills(mode: &str) {
     let mut child = spawn_unilog(&fx);
     let state = fx.dir.path().join(format!("state/{}.mongo.json", fx.name));
     let start = std::time::Instant::now();
-    while !std::fs::read_to_string(&state)
-        .unwrap_or_default()
-        .contains("\"copy_complete\": true")
-    {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "the copy did not finish:\n{}",
-            unilog_log(&fx)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_copy_complete(&fx, &state, start).await;
     // 3,000 inserts and 1,000 updates.
     let writer = {
         let users = users.clone();
@@ -602,20 +617,8 @@ async fn exactly_once_across_sigkills(mode: &str) {
     sorted.sort_by_key(|r| (r.partition, r.offset));
     let sorted: Vec<Record> = sorted.into_iter().cloned().collect();
     let decoded = decode_all(&mut Decoder::new(&stack.registry), &sorted).await;
-    let want: BTreeMap<String, i64> = users
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect::<Vec<Document>>()
-        .await
-        .unwrap()
-        .iter()
-        .map(|d| (hex(d), i64::from(d.get_i32("age").unwrap())))
-        .collect();
-    let got: BTreeMap<String, i64> = final_state(&decoded)
-        .into_iter()
-        .map(|(k, after)| (k, after["age"].as_i64().unwrap()))
-        .collect();
+    let want = ages_in(&users).await;
+    let got = ages_of(&decoded);
     assert_eq!(got, want, "final state differs");
     fx.cleanup().await;
 }
@@ -849,17 +852,7 @@ async fn mongo_crash_test() {
     // Changes made before unilog noted its start are in its initial copy
     // only (as snapshot events): begin the load once the copy is done.
     let state = fx.dir.path().join(format!("state/{}.mongo.json", fx.name));
-    while !std::fs::read_to_string(&state)
-        .unwrap_or_default()
-        .contains("\"copy_complete\": true")
-    {
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "the copy did not finish:\n{}",
-            unilog_log(&fx)
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_copy_complete(&fx, &state, started).await;
     let inserts = changes * 4 / 5;
     let updates = changes - inserts;
     let writer = {
@@ -943,20 +936,8 @@ async fn mongo_crash_test() {
             }
         }
     }
-    let want: BTreeMap<String, i64> = users
-        .find(doc! {})
-        .await
-        .unwrap()
-        .try_collect::<Vec<Document>>()
-        .await
-        .unwrap()
-        .iter()
-        .map(|d| (hex(d), i64::from(d.get_i32("age").unwrap())))
-        .collect();
-    let got: BTreeMap<String, i64> = final_state(&decoded)
-        .into_iter()
-        .map(|(k, after)| (k, after["age"].as_i64().unwrap()))
-        .collect();
+    let want = ages_in(&users).await;
+    let got = ages_of(&decoded);
     println!(
         "mongo crash test ({mode}, {full}): {written} changes, {killed} SIGKILLs, {} records, {} distinct changes, {repeats} repeats ({:.1}%, {newer} with a newer looked-up document), {:.0} s",
         records.len(),

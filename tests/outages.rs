@@ -118,9 +118,6 @@ async fn a_registry_that_is_down_at_start_is_waited_for() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_broker_that_is_down_at_start_is_waited_for() {
     let stack = Stack::from_env();
-    let Some(tansu) = broker_binary() else {
-        panic!("the local broker binary is missing: run scripts/stack up first");
-    };
     let db = TestDb::create(&stack).await;
     db.client
         .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL); INSERT INTO items VALUES (1, 1);")
@@ -132,23 +129,7 @@ async fn a_broker_that_is_down_at_start_is_waited_for() {
     let (fx, mut unilog, log) = start_while_down(&stack, &db, &topic, &brokers, &stack.registry);
     assert_still_waiting(&mut unilog, &log).await;
 
-    let url = format!("tcp://{brokers}");
-    let _broker = Killed(
-        Command::new(tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _broker = private_broker(port, port, &[]);
     db.wait_streaming(&fx.slot, WAIT).await;
     db.client
         .batch_execute("INSERT INTO items VALUES (2, 2)")
@@ -252,29 +233,11 @@ async fn a_registry_outage_while_streaming_is_waited_for() {
 /// Returns the repeats among the records, and unilog's log.
 async fn broker_network_outage(kafka_properties: &str) -> (usize, String) {
     let stack = Stack::from_env();
-    let Some(tansu) = broker_binary() else {
-        panic!("the local broker binary is missing: run scripts/stack up first");
-    };
     let broker_port = free_port();
     let proxy = support::proxy::TcpProxy::start(&format!("127.0.0.1:{broker_port}"));
     let brokers = format!("127.0.0.1:{}", proxy.port);
-    let _broker = Killed(
-        Command::new(tansu)
-            .args([
-                "broker",
-                "--listener-url",
-                &format!("tcp://127.0.0.1:{broker_port}"),
-                // Clients come back through the proxy.
-                "--advertised-listener-url",
-                &format!("tcp://{brokers}"),
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    // Clients come back through the proxy.
+    let _broker = private_broker(broker_port, proxy.port, &[]);
     let db = TestDb::create(&stack).await;
     db.client
         .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL);")

@@ -122,18 +122,10 @@ impl SearchClient {
             req = req.header(reqwest::header::CONTENT_TYPE, ct).body(b);
         }
         let unreachable = |e: reqwest::Error| {
-            let reason = format!("{what}: {}", crate::endpoint::describe(&e))
-                .replace(&self.base, &self.shown);
-            if crate::endpoint::is_tls_failure(&reason) {
-                SearchError::Tls {
-                    url: self.shown.clone(),
-                    reason,
-                }
-            } else {
-                SearchError::Unreachable {
-                    url: self.shown.clone(),
-                    reason,
-                }
+            let url = self.shown.clone();
+            match crate::endpoint::failure(&e, what, &self.base, &self.shown) {
+                (reason, true) => SearchError::Tls { url, reason },
+                (reason, false) => SearchError::Unreachable { url, reason },
             }
         };
         let resp = req.send().await.map_err(unreachable)?;

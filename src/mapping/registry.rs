@@ -162,18 +162,10 @@ impl RegistryClient {
             .send()
             .await
             .map_err(|e| {
-                let reason = format!("{what}: {}", crate::endpoint::describe(&e))
-                    .replace(&self.base, &self.shown);
-                if crate::endpoint::is_tls_failure(&reason) {
-                    RegistryError::Tls {
-                        url: self.shown.clone(),
-                        reason,
-                    }
-                } else {
-                    RegistryError::Unreachable {
-                        url: self.shown.clone(),
-                        reason,
-                    }
+                let url = self.shown.clone();
+                match crate::endpoint::failure(&e, what, &self.base, &self.shown) {
+                    (reason, true) => RegistryError::Tls { url, reason },
+                    (reason, false) => RegistryError::Unreachable { url, reason },
                 }
             })?;
         let status = resp.status().as_u16();

@@ -544,6 +544,42 @@ pub fn broker_binary() -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// A private broker of the local stack's kind (Tansu, memory storage) on
+/// `port`, advertising `advertised` (a proxy or TLS endpoint in front of
+/// it, or itself), with `extra_args`; waits until it listens.
+pub fn private_broker(port: u16, advertised: u16, extra_args: &[&str]) -> Killed {
+    let bin = broker_binary().expect("the local broker binary is missing: run scripts/stack up");
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args([
+        "broker",
+        "--listener-url",
+        &format!("tcp://127.0.0.1:{port}"),
+        "--advertised-listener-url",
+        &format!("tcp://127.0.0.1:{advertised}"),
+        "--storage-engine",
+        "memory://tansu/",
+    ]);
+    cmd.args(extra_args);
+    let broker = Killed(
+        cmd.env_remove("STORAGE_ENGINE")
+            .env_remove("LISTENER_URL")
+            .env_remove("ADVERTISED_LISTENER_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the broker"),
+    );
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the broker did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    broker
+}
+
 /// The stack's venv python (`$UNILOG_STACK_DIR/venv`, default `<repo>/.stack/venv`),
 /// which has confluent-kafka and the local broker.
 pub fn venv_python() -> PathBuf {
@@ -608,4 +644,41 @@ pub async fn broker_hides_aborted_records(brokers: &str) -> bool {
     )
     .await;
     !recs.iter().any(|r| r.payload == b"aborted")
+}
+
+/// Serves every connection accepted on a free port of 127.0.0.1 with
+/// `handle`, each in its own task, on a thread and runtime of its own (so
+/// the server runs whatever the test itself is doing). Returns the port and
+/// a sender that stops the server when sent or dropped.
+pub fn serve_connections<F, Fut>(handle: F) -> (u16, tokio::sync::oneshot::Sender<()>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a server port");
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let serve = async {
+                loop {
+                    if let Ok((tcp, _)) = listener.accept().await {
+                        tokio::spawn(handle(tcp));
+                    }
+                }
+            };
+            tokio::select! {
+                _ = stop_rx => {}
+                () = serve => {}
+            }
+        });
+    });
+    (port, stop_tx)
 }

@@ -16,60 +16,36 @@ pub struct TcpProxy {
 impl TcpProxy {
     /// Listens on a free port now; forwards to `upstream` (`host:port`).
     pub fn start(upstream: &str) -> TcpProxy {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let down = Arc::new(AtomicBool::new(false));
         let generation = Arc::new(AtomicU64::new(0));
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let upstream = upstream.to_string();
         let (d, g) = (down.clone(), generation.clone());
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let serve = async {
-                    loop {
-                        let Ok((mut client, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        if d.load(Ordering::SeqCst) {
-                            drop(client); // refused while down
-                            continue;
-                        }
-                        let born = g.load(Ordering::SeqCst);
-                        let (up, gen) = (upstream.clone(), g.clone());
-                        tokio::spawn(async move {
-                            let Ok(mut server) = tokio::net::TcpStream::connect(&up).await else {
-                                return;
-                            };
-                            let cut = async {
-                                while gen.load(Ordering::SeqCst) == born {
-                                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                                }
-                            };
-                            tokio::select! {
-                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                                () = cut => {}
-                            }
-                        });
+        let (port, stop) = super::serve_connections(move |mut client| {
+            let (down, gen, up) = (d.clone(), g.clone(), upstream.clone());
+            async move {
+                if down.load(Ordering::SeqCst) {
+                    return; // refused while down
+                }
+                let born = gen.load(Ordering::SeqCst);
+                let Ok(mut server) = tokio::net::TcpStream::connect(&up).await else {
+                    return;
+                };
+                let cut = async {
+                    while gen.load(Ordering::SeqCst) == born {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 };
                 tokio::select! {
-                    _ = stop_rx => {}
-                    () = serve => {}
+                    _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                    () = cut => {}
                 }
-            });
+            }
         });
         TcpProxy {
             port,
             down,
             generation,
-            stop: Some(stop_tx),
+            stop: Some(stop),
         }
     }
 

@@ -295,9 +295,6 @@ impl Gateway {
     /// Starts the gateway on its own thread and runtime, so it serves
     /// whatever the test itself is doing.
     pub fn start(opts: GatewayOptions) -> Gateway {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the gateway");
-        listener.set_nonblocking(true).unwrap();
-        let port = listener.local_addr().unwrap().port();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(&opts)));
         let counts = Arc::new(GatewayCounts::default());
         let state = Arc::new(GatewayState {
@@ -306,51 +303,29 @@ impl Gateway {
             client: reqwest::Client::new(),
             counts: counts.clone(),
         });
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let serve = async {
-                    loop {
-                        let Ok((tcp, _)) = listener.accept().await else {
-                            continue;
-                        };
-                        let acceptor = acceptor.clone();
-                        let state = state.clone();
-                        tokio::spawn(async move {
-                            let tls = match acceptor.accept(tcp).await {
-                                Ok(tls) => tls,
-                                Err(_) => {
-                                    state
-                                        .counts
-                                        .handshakes_failed
-                                        .fetch_add(1, Ordering::Relaxed);
-                                    return;
-                                }
-                            };
-                            let svc =
-                                hyper::service::service_fn(move |req| forward(req, state.clone()));
-                            let _ = hyper::server::conn::http1::Builder::new()
-                                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                                .await;
-                        });
+        let (port, stop) = super::serve_connections(move |tcp| {
+            let (acceptor, state) = (acceptor.clone(), state.clone());
+            async move {
+                let tls = match acceptor.accept(tcp).await {
+                    Ok(tls) => tls,
+                    Err(_) => {
+                        state
+                            .counts
+                            .handshakes_failed
+                            .fetch_add(1, Ordering::Relaxed);
+                        return;
                     }
                 };
-                tokio::select! {
-                    _ = stop_rx => {}
-                    () = serve => {}
-                }
-            });
+                let svc = hyper::service::service_fn(move |req| forward(req, state.clone()));
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            }
         });
         Gateway {
             url: format!("https://localhost:{port}"),
             counts,
-            stop: Some(stop_tx),
+            stop: Some(stop),
         }
     }
 }
