@@ -14,8 +14,10 @@
 //!   SCRAM-SHA-512, and refuses PLAIN (it closes the connection: no shared
 //!   mechanism). Its memory and S3 storage keep no SCRAM credentials
 //!   (`tansu user create` answers ok and stores nothing), so every login is
-//!   refused with `unknown-user`: the tests check that refusal, not a
-//!   successful login.
+//!   refused with `unknown-user`: the tests check that refusal. A
+//!   successful login is the ignored test at the end, against Tansu built
+//!   with PostgreSQL storage, which stores users
+//!   (`scripts/broker-restart-test`).
 
 mod support;
 
