@@ -14,8 +14,10 @@
 //!   SCRAM-SHA-512, and refuses PLAIN (it closes the connection: no shared
 //!   mechanism). Its memory and S3 storage keep no SCRAM credentials
 //!   (`tansu user create` answers ok and stores nothing), so every login is
-//!   refused with `unknown-user`: the tests check that refusal, not a
-//!   successful login.
+//!   refused with `unknown-user`: the tests check that refusal. A
+//!   successful login is the ignored test at the end, against Tansu built
+//!   with PostgreSQL storage, which stores users
+//!   (`scripts/broker-restart-test`).
 
 mod support;
 
@@ -352,4 +354,71 @@ async fn a_mechanism_the_broker_does_not_offer_is_named_while_retrying() {
         "the password was printed"
     );
     db.cleanup().await;
+}
+
+/// A successful SCRAM-SHA-512 login, which needs a broker that stores
+/// users: Tansu with PostgreSQL storage (see `support::persistent_broker`).
+/// Users are stored through the broker (AlterUserScramCredentials), and a
+/// broker with `--authentication` refuses every request before a login, so
+/// the user is created first and the broker is then started again with
+/// authentication on the same storage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a broker that stores SCRAM users: run scripts/broker-restart-test"]
+async fn a_scram_login_to_a_broker_that_stores_users_streams_rows() {
+    use support::persistent_broker::{or_skip, PersistentBroker};
+    let Some((bin, schema)) = or_skip("a_scram_login_to_a_broker_that_stores_users_streams_rows")
+    else {
+        return;
+    };
+    let stack = Stack::from_env();
+    let mut broker = PersistentBroker::create(&stack, bin, &schema).await;
+    broker.start(false);
+    let password = format!("pw-{}-secret", suffix());
+    broker.create_user("unilog", &password, "scram512");
+    broker.stop("TERM");
+    broker.start(true);
+    let brokers = broker.brokers();
+    let env = [("UNILOG_TEST_KAFKA_PASSWORD", password.as_str())];
+    let props = "    security.protocol: SASL_PLAINTEXT\n    sasl.mechanism: SCRAM-SHA-512\n    sasl.username: unilog\n    sasl.password: \"${UNILOG_TEST_KAFKA_PASSWORD}\"\n";
+    let (db, fx, topic) = pipeline(&stack, &brokers, props).await;
+
+    let (code, text) = check(&fx, &env);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains(&format!("kafka: brokers {brokers} reachable")),
+        "{text}"
+    );
+    // The same user with another password is refused.
+    let (code, text) = check(&fx, &[("UNILOG_TEST_KAFKA_PASSWORD", "not-the-password")]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("SASL authentication failed"), "{text}");
+
+    let (mut unilog, out, err) = start_unilog(&fx, &env);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute("INSERT INTO items VALUES (2, 2)")
+        .await
+        .unwrap();
+    let sasl = [
+        ("security.protocol", "SASL_PLAINTEXT"),
+        ("sasl.mechanism", "SCRAM-SHA-512"),
+        ("sasl.username", "unilog"),
+        ("sasl.password", password.as_str()),
+    ];
+    let records = consume_with(&brokers, &sasl, &topic, 2, Duration::from_secs(2), WAIT).await;
+    let mut dec = Decoder::new(&stack.registry);
+    let mut ids: Vec<i64> = decode_all(&mut dec, &records)
+        .await
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![1, 2]);
+    assert!(sigterm(&mut unilog.0).success(), "{}", printed(&out, &err));
+    assert!(
+        !printed(&out, &err).contains(&password),
+        "the password was printed"
+    );
+    db.cleanup().await;
+    broker.cleanup().await;
 }

@@ -327,3 +327,97 @@ async fn a_broker_outage_longer_than_the_delivery_timeout_loses_nothing() {
         "the delivery timeout did not restart the pipeline:\n{log}"
     );
 }
+
+/// The broker goes down twice while the application writes 6,000 rows in
+/// 120 transactions over about 30 s: first it is stopped with SIGTERM,
+/// then killed with SIGKILL, each time down for 4 s and started again on
+/// the same port and storage. unilog must not exit, and every row must be
+/// in the topic at the end: the records written before each restart too,
+/// which needs a broker that keeps its data (Tansu with PostgreSQL
+/// storage, see `support::persistent_broker`). Repeats are allowed
+/// (at-least-once) and reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs a broker that keeps its data: run scripts/broker-restart-test"]
+async fn a_broker_restart_while_streaming_loses_nothing() {
+    use support::persistent_broker::{or_skip, PersistentBroker};
+    let Some((bin, schema)) = or_skip("a_broker_restart_while_streaming_loses_nothing") else {
+        return;
+    };
+    let stack = Stack::from_env();
+    let mut broker = PersistentBroker::create(&stack, bin, &schema).await;
+    broker.start(false);
+    let brokers = broker.brokers();
+    let db = TestDb::create(&stack).await;
+    db.client
+        .batch_execute("CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL);")
+        .await
+        .unwrap();
+    let topic = format!("it.out.{}", suffix());
+    let (fx, mut unilog, log) = start_while_down(&stack, &db, &topic, &brokers, &stack.registry);
+    db.wait_streaming(&fx.slot, WAIT).await;
+
+    const ROWS: i64 = 6000;
+    let writer = connect(&db.url).await;
+    let load = tokio::spawn(async move {
+        for batch in 0..120 {
+            let from = batch * 50 + 1;
+            writer
+                .batch_execute(&format!(
+                    "INSERT INTO items SELECT g, g FROM generate_series({from}, {}) g",
+                    from + 49
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    });
+    for signal in ["TERM", "KILL"] {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let status = broker.stop(signal);
+        let stored = broker.records_stored().await;
+        eprintln!("broker restart: stopped with SIG{signal} ({status}), {stored} records stored");
+        assert!(stored > 0, "nothing reached the broker before the restart");
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(
+            unilog.0.try_wait().unwrap().is_none(),
+            "unilog exited while the broker was down: {}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        broker.start(false);
+    }
+    load.await.unwrap();
+
+    let records = consume(
+        &brokers,
+        &topic,
+        ROWS as usize,
+        Duration::from_secs(3),
+        WAIT,
+    )
+    .await;
+    let mut dec = Decoder::new(&stack.registry);
+    let events = decode_all(&mut dec, &records).await;
+    let mut ids: Vec<i64> = events
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    let total = ids.len();
+    ids.dedup();
+    let missing = (1..=ROWS)
+        .filter(|id| ids.binary_search(id).is_err())
+        .count();
+    let text = std::fs::read_to_string(&log).unwrap();
+    eprintln!(
+        "broker restart: {ROWS} rows, 2 restarts (SIGTERM, SIGKILL), {total} records, \
+         {} distinct, {missing} lost, {} repeats, pipeline restarts: {}",
+        ids.len(),
+        total - ids.len(),
+        text.matches("pipeline failed; retrying").count()
+    );
+    assert_eq!(missing, 0, "changes lost; unilog's log:\n{text}");
+    assert_eq!(ids, (1..=ROWS).collect::<Vec<_>>(), "unexpected ids");
+    assert!(sigterm(&mut unilog.0).success(), "{text}");
+    db.cleanup().await;
+    broker.cleanup().await;
+}

@@ -8,6 +8,7 @@
 pub mod cluster;
 pub mod docs;
 pub mod mongo;
+pub mod persistent_broker;
 pub mod proxy;
 pub mod tls;
 
