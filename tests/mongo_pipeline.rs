@@ -830,7 +830,8 @@ fn env_number(name: &str, default: usize) -> usize {
 /// SIGKILLed again and again; then every change must be on the topic once
 /// or more, repeats byte-identical, and the final state equal to the
 /// collection's. `MONGO_CRASH_CHANGES` (default 100,000) and
-/// `MONGO_CRASH_KILLS` (default 10) size it.
+/// `MONGO_CRASH_KILLS` (default 10) size it; `MONGO_CRASH_EXACTLY_ONCE=1`
+/// runs it with `kafka.exactly_once: true`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "minutes long: run by hand (docs/FAULTS.md)"]
 async fn mongo_crash_test() {
@@ -843,8 +844,22 @@ async fn mongo_crash_test() {
     // when read again, which may be newer.
     let full =
         std::env::var("MONGO_CRASH_FULL_DOCUMENT").unwrap_or_else(|_| "when_available".into());
+    // `MONGO_CRASH_EXACTLY_ONCE=1`: `kafka.exactly_once: true`, and the
+    // reader is `read_committed` (as always here).
+    let exactly_once = env_number("MONGO_CRASH_EXACTLY_ONCE", 0) == 1;
     let stack = Stack::from_env();
     let fx = MongoFixture::new(&stack, &mode, &format!("    full_document: {full}\n"), "").await;
+    if exactly_once {
+        let text = std::fs::read_to_string(&fx.config).unwrap();
+        std::fs::write(
+            &fx.config,
+            text.replace(
+                "  partitions: 3\n",
+                "  partitions: 3\n  exactly_once: true\n",
+            ),
+        )
+        .unwrap();
+    }
     let users = fx.users();
     users.insert_one(user(0)).await.unwrap();
     let started = std::time::Instant::now();
@@ -977,5 +992,18 @@ async fn mongo_crash_test() {
     );
     assert_eq!(got, want, "the final state of every document");
     assert!(killed >= kills.min(3), "only {killed} kills");
+    if exactly_once {
+        let strict = support::broker_hides_aborted_records(&stack.brokers).await;
+        println!(
+            "exactly once: the broker {} aborted transactions",
+            if strict { "hides" } else { "does NOT hide" }
+        );
+        if strict {
+            assert_eq!(repeats, 0, "a read_committed reader read changes twice");
+        } else {
+            // At most the batch in flight at each kill (2,000 by default).
+            assert!(repeats <= killed * 2000, "{repeats} repeats");
+        }
+    }
     fx.cleanup().await;
 }
