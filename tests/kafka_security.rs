@@ -255,6 +255,36 @@ async fn a_wrong_ca_stops_unilog_naming_the_certificate_setting() {
         "{text}"
     );
     assert!(!text.contains("retrying"), "{text}");
+
+    // `unilog join` and `unilog index` check their brokers the same way.
+    let kafka = format!("kafka:\n  brokers: {brokers}\n  properties:\n{props}");
+    let files = [
+        (
+            "join",
+            format!("name: j\n{kafka}schema_registry:\n  url: {}\nleft:\n  topic: users\nright:\n  topic: conns\n  key: user_id\noutput:\n  topic: user.docs\n  record: UserDocument\n  field: connections\nstate_dir: state\n", stack.registry),
+        ),
+        (
+            "index",
+            format!("name: i\n{kafka}schema_registry:\n  url: {}\nsearch:\n  url: http://127.0.0.1:9\nindexes:\n  - topic: users\n    alias: users\n", stack.registry),
+        ),
+    ];
+    for (cmd, text) in files {
+        let path = fx.dir.path().join(format!("{cmd}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        let started = Instant::now();
+        let out = unilog_output(&[cmd], &path);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{cmd}: {text}");
+        assert!(started.elapsed() < Duration::from_secs(30), "{cmd}: {text}");
+        assert!(
+            text.contains("TLS handshake failed") && text.contains("ssl.ca.location"),
+            "{cmd}: {text}"
+        );
+    }
     assert_eq!(front.handshakes.load(Ordering::Relaxed), 0);
     db.cleanup().await;
 }

@@ -584,6 +584,19 @@ pub async fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<IndexStats, IndexError> {
     let c = &cfg.config;
+    crate::sinks::kafka::check_brokers(
+        &c.kafka.brokers,
+        &c.kafka.properties,
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| match e {
+        crate::sinks::SinkError::Refused { .. } => IndexError::Usage(e.to_string()),
+        other => IndexError::Kafka {
+            what: "connecting".into(),
+            reason: other.to_string(),
+        },
+    })?;
     let mut ix = Indexer::new(cfg.clone())?;
     ix.ensure_aliases().await?;
     let consumer: StreamConsumer =

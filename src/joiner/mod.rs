@@ -223,6 +223,19 @@ async fn prepare(cfg: &LoadedJoinerConfig) -> Result<Prepared, JoinError> {
     let c = &cfg.config;
     let reg = &c.schema_registry;
     let registry = RegistryClient::from_config(reg)?;
+    crate::sinks::kafka::check_brokers(
+        &c.kafka.brokers,
+        &c.kafka.properties,
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| match e {
+        crate::sinks::SinkError::Refused { .. } => JoinError::Setup(e.to_string()),
+        other => JoinError::Kafka {
+            what: "connecting".into(),
+            reason: other.to_string(),
+        },
+    })?;
     // Partition counts first: the refusal should not depend on schemas.
     let probe: BaseConsumer = consumer_config(&c.kafka.brokers, &cfg.group(), &c.kafka.properties)
         .create()

@@ -181,6 +181,20 @@ fn unreachable_reason(err: &KafkaError, last: Option<&(RDKafkaErrorCode, String)
     format!("{err}; last error: {reason}{hint}")
 }
 
+/// Whether `brokers` answer a client with these `properties`: a TLS or
+/// SASL refusal is [`SinkError::Refused`] at once, no answer within
+/// `timeout` is [`SinkError::Unreachable`]. For the joiner and the indexer,
+/// whose consumers would otherwise only time out.
+pub async fn check_brokers(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<(), SinkError> {
+    KafkaSink::new(brokers, properties)?
+        .check_connection(timeout)
+        .await
+}
+
 /// Publishes domain events to Kafka.
 pub struct KafkaSink {
     producer: FutureProducer<StatsContext>,
