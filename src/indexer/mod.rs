@@ -579,11 +579,9 @@ pub fn next_offsets(batch: &[Rec]) -> TopicPartitionList {
 }
 
 /// Runs the live indexer until `stop`.
-pub async fn run(
-    cfg: Arc<LoadedIndexerConfig>,
-    stop: Arc<AtomicBool>,
-) -> Result<IndexStats, IndexError> {
-    let c = &cfg.config;
+/// The brokers answer with these settings; a TLS or SASL refusal is a
+/// usage error (not retried), no answer a Kafka error (retried).
+async fn check_kafka(c: &config::IndexerConfig) -> Result<(), IndexError> {
     crate::sinks::kafka::check_brokers(
         &c.kafka.brokers,
         &c.kafka.properties,
@@ -596,7 +594,15 @@ pub async fn run(
             what: "connecting".into(),
             reason: other.to_string(),
         },
-    })?;
+    })
+}
+
+pub async fn run(
+    cfg: Arc<LoadedIndexerConfig>,
+    stop: Arc<AtomicBool>,
+) -> Result<IndexStats, IndexError> {
+    let c = &cfg.config;
+    check_kafka(c).await?;
     let mut ix = Indexer::new(cfg.clone())?;
     ix.ensure_aliases().await?;
     let consumer: StreamConsumer =

@@ -78,6 +78,7 @@ pub async fn reindex(
         ))
     })?;
     let c = &cfg.config;
+    super::check_kafka(c).await?;
     let mut ix = Indexer::new(cfg.clone())?;
     let search = ix.search().clone();
     let previous = search.alias_targets(&spec.alias).await?;
