@@ -202,13 +202,7 @@ async fn rows_reach_the_topic_over_tls() {
         ("ssl.ca.location", ca_text.as_str()),
     ];
     let records = consume_with(&brokers, &tls, &topic, 2, Duration::from_secs(2), WAIT).await;
-    let mut dec = Decoder::new(&stack.registry);
-    let mut ids: Vec<i64> = decode_all(&mut dec, &records)
-        .await
-        .iter()
-        .map(|e| e["after"]["id"].as_i64().unwrap())
-        .collect();
-    ids.sort_unstable();
+    let ids = sorted_ids(&stack.registry, &records).await;
     assert_eq!(ids, vec![1, 2]);
     // The only address anyone was given is the TLS endpoint's.
     assert!(front.handshakes.load(Ordering::Relaxed) >= 2);
@@ -436,13 +430,7 @@ async fn a_scram_login_to_a_broker_that_stores_users_streams_rows() {
         ("sasl.password", password.as_str()),
     ];
     let records = consume_with(&brokers, &sasl, &topic, 2, Duration::from_secs(2), WAIT).await;
-    let mut dec = Decoder::new(&stack.registry);
-    let mut ids: Vec<i64> = decode_all(&mut dec, &records)
-        .await
-        .iter()
-        .map(|e| e["after"]["id"].as_i64().unwrap())
-        .collect();
-    ids.sort_unstable();
+    let ids = sorted_ids(&stack.registry, &records).await;
     assert_eq!(ids, vec![1, 2]);
     assert!(sigterm(&mut unilog.0).success(), "{}", printed(&out, &err));
     assert!(

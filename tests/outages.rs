@@ -103,13 +103,7 @@ async fn a_registry_that_is_down_at_start_is_waited_for() {
         .await
         .unwrap();
     let records = consume(&stack.brokers, &topic, 2, Duration::from_secs(2), WAIT).await;
-    let mut dec = Decoder::new(&registry);
-    let mut ids: Vec<i64> = decode_all(&mut dec, &records)
-        .await
-        .iter()
-        .map(|e| e["after"]["id"].as_i64().unwrap())
-        .collect();
-    ids.sort_unstable();
+    let ids = sorted_ids(&registry, &records).await;
     assert_eq!(ids, vec![1, 2]);
     assert!(sigterm(&mut unilog.0).success());
     db.cleanup().await;
@@ -136,13 +130,7 @@ async fn a_broker_that_is_down_at_start_is_waited_for() {
         .await
         .unwrap();
     let records = consume(&brokers, &topic, 2, Duration::from_secs(2), WAIT).await;
-    let mut dec = Decoder::new(&stack.registry);
-    let mut ids: Vec<i64> = decode_all(&mut dec, &records)
-        .await
-        .iter()
-        .map(|e| e["after"]["id"].as_i64().unwrap())
-        .collect();
-    ids.sort_unstable();
+    let ids = sorted_ids(&stack.registry, &records).await;
     assert_eq!(ids, vec![1, 2]);
     // (The wait may be inside one connection check, which allows 10 s, or
     // a retry with backoff after it: either way unilog waited and went on.)
@@ -225,6 +213,38 @@ async fn a_registry_outage_while_streaming_is_waited_for() {
     db.cleanup().await;
 }
 
+/// Inserts rows 1..=`rows` into `items`, 50 per transaction, one
+/// transaction every 250 ms.
+async fn paced_inserts(writer: tokio_postgres::Client, rows: i64) {
+    for from in (1..=rows).step_by(50) {
+        writer
+            .batch_execute(&format!(
+                "INSERT INTO items SELECT g, g FROM generate_series({from}, {}) g",
+                (from + 49).min(rows)
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Reads `topic` until it holds `rows` records and is quiet: the distinct
+/// ids, sorted, and the number of records.
+async fn read_ids(stack: &Stack, brokers: &str, topic: &str, rows: i64) -> (Vec<i64>, usize) {
+    let records = consume(
+        brokers,
+        topic,
+        usize::try_from(rows).unwrap(),
+        Duration::from_secs(3),
+        WAIT,
+    )
+    .await;
+    let mut ids = sorted_ids(&stack.registry, &records).await;
+    let total = ids.len();
+    ids.dedup();
+    (ids, total)
+}
+
 /// The network between unilog and the broker is cut for 15 s while the
 /// application keeps writing 4,000 rows: open connections are closed and
 /// new ones refused. The broker itself stays up, since the local broker
@@ -254,20 +274,7 @@ async fn broker_network_outage(kafka_properties: &str) -> (usize, String) {
 
     // 4,000 rows in 80 transactions over about 20 s.
     const ROWS: i64 = 4000;
-    let writer = connect(&db.url).await;
-    let load = tokio::spawn(async move {
-        for batch in 0..80 {
-            let from = batch * 50 + 1;
-            writer
-                .batch_execute(&format!(
-                    "INSERT INTO items SELECT g, g FROM generate_series({from}, {}) g",
-                    from + 49
-                ))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    });
+    let load = tokio::spawn(paced_inserts(connect(&db.url).await, ROWS));
     tokio::time::sleep(Duration::from_secs(3)).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(15)).await;
@@ -281,23 +288,7 @@ async fn broker_network_outage(kafka_properties: &str) -> (usize, String) {
     proxy.restore();
     load.await.unwrap();
 
-    let records = consume(
-        &brokers,
-        &topic,
-        ROWS as usize,
-        Duration::from_secs(3),
-        WAIT,
-    )
-    .await;
-    let mut dec = Decoder::new(&stack.registry);
-    let events = decode_all(&mut dec, &records).await;
-    let mut ids: Vec<i64> = events
-        .iter()
-        .map(|e| e["after"]["id"].as_i64().unwrap())
-        .collect();
-    ids.sort_unstable();
-    let total = ids.len();
-    ids.dedup();
+    let (ids, total) = read_ids(&stack, &brokers, &topic, ROWS).await;
     assert_eq!(ids, (1..=ROWS).collect::<Vec<_>>(), "changes lost");
     assert!(sigterm(&mut unilog.0).success());
     db.cleanup().await;
@@ -357,20 +348,7 @@ async fn a_broker_restart_while_streaming_loses_nothing() {
     db.wait_streaming(&fx.slot, WAIT).await;
 
     const ROWS: i64 = 6000;
-    let writer = connect(&db.url).await;
-    let load = tokio::spawn(async move {
-        for batch in 0..120 {
-            let from = batch * 50 + 1;
-            writer
-                .batch_execute(&format!(
-                    "INSERT INTO items SELECT g, g FROM generate_series({from}, {}) g",
-                    from + 49
-                ))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-    });
+    let load = tokio::spawn(paced_inserts(connect(&db.url).await, ROWS));
     for signal in ["TERM", "KILL"] {
         tokio::time::sleep(Duration::from_secs(5)).await;
         let status = broker.stop(signal);
@@ -387,23 +365,7 @@ async fn a_broker_restart_while_streaming_loses_nothing() {
     }
     load.await.unwrap();
 
-    let records = consume(
-        &brokers,
-        &topic,
-        ROWS as usize,
-        Duration::from_secs(3),
-        WAIT,
-    )
-    .await;
-    let mut dec = Decoder::new(&stack.registry);
-    let events = decode_all(&mut dec, &records).await;
-    let mut ids: Vec<i64> = events
-        .iter()
-        .map(|e| e["after"]["id"].as_i64().unwrap())
-        .collect();
-    ids.sort_unstable();
-    let total = ids.len();
-    ids.dedup();
+    let (ids, total) = read_ids(&stack, &brokers, &topic, ROWS).await;
     let missing = (1..=ROWS)
         .filter(|id| ids.binary_search(id).is_err())
         .count();

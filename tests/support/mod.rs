@@ -481,6 +481,19 @@ pub async fn decode_all(dec: &mut Decoder, records: &[Record]) -> Vec<Json> {
     out
 }
 
+/// The `after.id` of every record, decoded with `registry`, sorted
+/// (repeats kept).
+pub async fn sorted_ids(registry: &str, records: &[Record]) -> Vec<i64> {
+    let mut dec = Decoder::new(registry);
+    let mut ids: Vec<i64> = decode_all(&mut dec, records)
+        .await
+        .iter()
+        .map(|e| e["after"]["id"].as_i64().unwrap())
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
 /// The unilog binary built for the tests, or `$UNILOG_BIN` when set (a
 /// release build, or a copy that concurrent builds sharing one target
 /// folder cannot replace mid-run).
