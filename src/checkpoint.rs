@@ -23,6 +23,10 @@ pub struct PgCheckpoint {
     /// The error that last stopped the pipeline, with its time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Inheritance children (`schema.table`) added to the publication
+    /// while streaming whose copy Kafka has not confirmed yet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_children: Vec<String>,
 }
 
 impl PgCheckpoint {

@@ -382,6 +382,30 @@ pub struct PostgresConfig {
     /// What to do when the slot this pipeline streamed from is gone.
     #[serde(default)]
     pub on_slot_lost: SlotLostPolicy,
+    /// The publication of `insert_only` mappings (inserts and truncates
+    /// only); default `<publication>_inserts`.
+    pub insert_publication: Option<String>,
+    /// Whether unilog may give a mapped table without a replica identity
+    /// one itself, before publishing it (the app's UPDATE and DELETE would
+    /// fail otherwise).
+    #[serde(default)]
+    pub set_replica_identity: ReplicaIdentityFix,
+}
+
+/// What unilog may run on a mapped table that has no replica identity
+/// (no primary key), so that publishing its updates and deletes does not
+/// make the app's own UPDATE and DELETE fail.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicaIdentityFix {
+    /// Nothing: such a table is refused, with the SQL that fixes it.
+    #[default]
+    Never,
+    /// `REPLICA IDENTITY USING INDEX` on a unique index over NOT NULL
+    /// columns, when the table has one; refused otherwise.
+    Index,
+    /// As `index`, else `REPLICA IDENTITY FULL` (more WAL per change).
+    IndexOrFull,
 }
 
 /// What happens when the slot the pipeline streamed from was dropped or
@@ -562,7 +586,11 @@ impl LoadedConfig {
         if let Err(e) = crate::sources::pg_logical::tls::PgUrl::parse(&pg.url) {
             return Err(self.err("source.postgres.url", e));
         }
-        for (field, value) in [("slot", &pg.slot), ("publication", &pg.publication)] {
+        for (field, value) in [
+            ("slot", &pg.slot),
+            ("publication", &pg.publication),
+            ("insert_publication", &pg.insert_publication),
+        ] {
             if let Some(v) = value {
                 let ok = !v.is_empty()
                     && v.len() <= 63
@@ -652,6 +680,13 @@ impl LoadedConfig {
         self.postgres()
             .and_then(|p| p.publication.clone())
             .unwrap_or_else(|| format!("unilog_{}", self.config.name.to_lowercase()))
+    }
+
+    /// The publication of `insert_only` mappings (Postgres).
+    pub fn insert_publication(&self) -> String {
+        self.postgres()
+            .and_then(|p| p.insert_publication.clone())
+            .unwrap_or_else(|| format!("{}_inserts", self.publication()))
     }
 
     /// The dead-letter topic.

@@ -136,8 +136,13 @@ pub enum ColumnType {
     Array(Box<ColumnType>),
     /// A MongoDB ObjectId, published as its hex text.
     ObjectId,
-    /// A nested document with declared fields (MongoDB).
+    /// A nested record: a MongoDB document with declared fields, or a
+    /// PostgreSQL composite type with its attributes.
     Record(Vec<ColumnInfo>),
+    /// `hstore`, published as a JSON object of strings.
+    Hstore,
+    /// A PostGIS `geometry` or `geography`, published as EWKB bytes.
+    Geometry,
     /// A type unilog cannot publish (its database name); the column must be
     /// dropped in the mapping. Values arrive as their text form.
     Unsupported(String),
@@ -197,6 +202,13 @@ impl TableInfo {
     }
 }
 
+/// `schema.table` of a PostgreSQL relation, as mappings and messages write
+/// it: the catalog's names as they are, joined by a dot (no quoting, no
+/// case folding).
+pub fn pg_qualified(schema: &str, name: &str) -> String {
+    format!("{schema}.{name}")
+}
+
 /// Where a change came from, published with every event.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SourceMeta {
@@ -206,6 +218,9 @@ pub struct SourceMeta {
     pub xid: Option<u32>,
     /// Commit time, microseconds since the Unix epoch; `None` for snapshot rows.
     pub commit_time_micros: Option<i64>,
+    /// The table the row lives in, (schema, name), when it is not the
+    /// mapped table itself: an inheritance child of a mapped parent.
+    pub relation: Option<Arc<(String, String)>>,
 }
 
 /// A row change as a source saw it.

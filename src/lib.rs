@@ -13,6 +13,7 @@ pub mod endpoint;
 pub mod event;
 pub mod http;
 pub mod indexer;
+pub mod init;
 pub mod joiner;
 pub mod mapping;
 pub mod pipeline;

@@ -98,6 +98,34 @@ enum Command {
         #[arg(long)]
         no_progress: bool,
     },
+    /// Write a pipeline file and one mapping per table from a PostgreSQL
+    /// catalog: topics, event names and keys from primary keys or unique
+    /// indexes. Partitions and inheritance children are covered by the
+    /// table above them. Prints, in one list, what each table still needs
+    /// decided (no key, no usable replica identity, a relation that cannot
+    /// be published, a refused type); those mappings are written but left
+    /// commented out in the pipeline file, so `check` accepts the rest.
+    Init {
+        /// The database, `postgres://user:password@host:port/database`.
+        #[arg(long, env = "PG_URL", hide_env_values = true)]
+        url: String,
+        /// Only these schemas (repeat the flag); default: every schema but
+        /// the system ones.
+        #[arg(long = "schema")]
+        schemas: Vec<String>,
+        /// Where to write `pipeline.yaml` and `mappings/`.
+        #[arg(long, default_value = "unilog")]
+        out: PathBuf,
+        /// The pipeline's name (names the slot and publication).
+        #[arg(long, default_value = "legacy")]
+        name: String,
+        /// Put before every topic name (`legacy.` gives `legacy.public.users`).
+        #[arg(long, default_value = "")]
+        topic_prefix: String,
+        /// Overwrite files that exist.
+        #[arg(long)]
+        force: bool,
+    },
     /// Show a pipeline's delivered position: for PostgreSQL its replication
     /// slot, lag and retained WAL; for MongoDB its copy progress and
     /// cluster time.
@@ -147,6 +175,36 @@ fn main() -> ExitCode {
                     !no_progress,
                 )
                 .await
+            }
+            Command::Init {
+                url,
+                schemas,
+                out,
+                name,
+                topic_prefix,
+                force,
+            } => {
+                let opts = unilog::init::InitOptions {
+                    url,
+                    schemas,
+                    out,
+                    name,
+                    topic_prefix,
+                    force,
+                };
+                match unilog::init::init(&opts).await {
+                    Ok(report) => {
+                        print!("{}", unilog::init::summary(&report));
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(match e {
+                            unilog::init::InitError::Usage(_) => 2,
+                            _ => 1,
+                        })
+                    }
+                }
             }
             Command::Status { config, json } => match status(config, json).await {
                 Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,7 @@
 //! batches. Deliveries complete in order, and a batch's source position is
 //! acknowledged only after it and every batch before it are confirmed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,7 +28,7 @@ use crate::mapping::{dedup_id, DomainEvent, Mapper, MappingError};
 use crate::sinks::kafka::{ensure_progress_topic, ensure_topics, read_last, KafkaSink};
 use crate::sinks::{ProgressRecord, Sink, SinkError};
 use crate::sources::mongo_oplog::{cluster_time_text, MongoError, MongoSource};
-use crate::sources::pg_logical::{connect_plain, PgError, PgSettings, PgSource};
+use crate::sources::pg_logical::{connect_plain, safety, PgError, PgSettings, PgSource};
 use crate::sources::Source;
 use crate::telemetry::{health, metrics, names, LatencyHistogram, Phase};
 
@@ -515,6 +515,8 @@ fn settings(cfg: &LoadedConfig, pg: &PostgresConfig) -> PgSettings {
         snapshot: pg.snapshot,
         manage_publication: pg.manage_publication,
         on_slot_lost: pg.on_slot_lost,
+        insert_publication: cfg.insert_publication(),
+        set_replica_identity: pg.set_replica_identity,
     }
 }
 
@@ -527,7 +529,17 @@ async fn map_and_register(
     dry_run: bool,
     report: &mut Vec<String>,
 ) -> Result<(Mapper, RegistryClient), PipelineError> {
-    let mut mapper = Mapper::new(mappings, tables)?;
+    let mapper = Mapper::new(mappings, tables)?;
+    register(cfg, mapper, dry_run, report).await
+}
+
+/// Checks (and unless `dry_run` registers) the mapper's schemas.
+async fn register(
+    cfg: &LoadedConfig,
+    mut mapper: Mapper,
+    dry_run: bool,
+    report: &mut Vec<String>,
+) -> Result<(Mapper, RegistryClient), PipelineError> {
     report.push(format!("mappings: ok for {}", mapper.tables().join(", ")));
     let reg = &cfg.config.schema_registry;
     let registry = RegistryClient::from_config(reg).map_err(|source| MappingError::Registry {
@@ -559,13 +571,68 @@ async fn prepare_pg(
         source.database(),
         source.transport()
     ));
-    let names: Vec<String> = mappings
+    let parts: Vec<(String, String)> = mappings.iter().map(LoadedMapping::table_parts).collect();
+    let relations = source.load_relations(&parts).await?;
+    let mapped: HashSet<String> = mappings
         .iter()
         .map(LoadedMapping::qualified_table)
         .collect();
-    let tables = source.load_tables(&names).await?;
-    let (mapper, registry) = map_and_register(cfg, mappings, &tables, dry_run, report).await?;
-    let changes = source.ensure_publication(&mapper.tables(), dry_run).await?;
+    // Every problem of every mapping, so that one run lists them all.
+    let mut problems = Vec::new();
+    let mut plans = Vec::new();
+    let mut usable = Vec::new();
+    for m in mappings {
+        let q = m.qualified_table();
+        let Some(rel) = relations.get(&q) else {
+            problems.push(
+                m.err(
+                    "table",
+                    format!("table {q} does not exist in the database (or the user cannot see it)"),
+                )
+                .to_string(),
+            );
+            continue;
+        };
+        match safety::judge(
+            m,
+            rel,
+            &mapped,
+            pg.set_replica_identity,
+            &cfg.insert_publication(),
+        ) {
+            Ok(plan) => {
+                // Generated columns are never streamed (before 18): a
+                // mapping that drops one asks for what happens anyway.
+                let mut m = m.clone();
+                m.spec.drop.retain(|c| !plan.generated.contains(c));
+                plans.push(plan);
+                usable.push(m);
+            }
+            Err(p) => problems.extend(p),
+        }
+    }
+    let usable_parts: Vec<(String, String)> =
+        usable.iter().map(LoadedMapping::table_parts).collect();
+    let tables = source.load_tables(&usable_parts).await?;
+    let compiled = match Mapper::new(&usable, &tables) {
+        Ok(mapper) => Some(mapper),
+        Err(MappingError::Many(list)) => {
+            problems.extend(list.iter().map(ToString::to_string));
+            None
+        }
+        Err(e) => {
+            problems.push(e.to_string());
+            None
+        }
+    };
+    let Some(mapper) = compiled.filter(|_| problems.is_empty()) else {
+        return Err(PipelineError::Many(problems));
+    };
+    let (mapper, registry) = register(cfg, mapper, dry_run, report).await?;
+    for plan in &plans {
+        report.push(plan.verdict.clone());
+    }
+    let changes = source.ensure_publication(plans, dry_run).await?;
     for c in changes {
         report.push(format!(
             "publication: {}{c}",

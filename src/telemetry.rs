@@ -335,6 +335,9 @@ pub struct Health {
     /// Unix millis since when work is waiting without an acknowledgement (0: none).
     pending_since_ms: std::sync::atomic::AtomicI64,
     last_error: std::sync::Mutex<Option<String>>,
+    /// Problems that leave the pipeline running but need an operator
+    /// (a published table without a replica identity, ...), by key.
+    warnings: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 fn now_ms() -> i64 {
@@ -348,6 +351,7 @@ pub fn health() -> &'static Health {
         last_loop_ms: std::sync::atomic::AtomicI64::new(0),
         pending_since_ms: std::sync::atomic::AtomicI64::new(0),
         last_error: std::sync::Mutex::new(None),
+        warnings: std::sync::Mutex::new(std::collections::BTreeMap::new()),
     });
     &H
 }
@@ -410,6 +414,24 @@ impl Health {
         self.set_phase(pipeline, Phase::Failed);
     }
 
+    /// Sets (or, with `None`, clears) the warning under `key`; `/ready`
+    /// fails while any is set. Returns whether the warning is new.
+    pub fn set_warning(&self, key: &str, warning: Option<String>) -> bool {
+        let mut w = lock(&self.warnings);
+        match warning {
+            Some(text) => w.insert(key.to_string(), text).is_none(),
+            None => {
+                w.remove(key);
+                false
+            }
+        }
+    }
+
+    /// The warnings set now.
+    pub fn warnings(&self) -> Vec<String> {
+        lock(&self.warnings).values().cloned().collect()
+    }
+
     /// `Ok(phase)` when ready; `Err(reason)` when not.
     pub fn ready(&self, stall_timeout: std::time::Duration) -> Result<&'static str, String> {
         use std::sync::atomic::Ordering;
@@ -433,6 +455,9 @@ impl Health {
                 "the pipeline loop has not run for {} s",
                 (now - last_loop) / 1000
             ));
+        }
+        if let Some(w) = lock(&self.warnings).values().next() {
+            return Err(w.clone());
         }
         let pending = self.pending_since_ms.load(Ordering::Relaxed);
         if pending != 0 && now - pending > stall {
@@ -497,7 +522,23 @@ mod health_tests {
             last_loop_ms: std::sync::atomic::AtomicI64::new(0),
             pending_since_ms: std::sync::atomic::AtomicI64::new(0),
             last_error: std::sync::Mutex::new(None),
+            warnings: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         }
+    }
+
+    #[test]
+    fn a_warning_makes_ready_fail_until_cleared() {
+        let h = fresh();
+        h.set_phase("p", Phase::Streaming);
+        assert!(h.ready(std::time::Duration::from_secs(60)).is_ok());
+        assert!(h.set_warning("identity:public.t", Some("no replica identity".into())));
+        assert!(!h.set_warning("identity:public.t", Some("no replica identity".into())));
+        assert_eq!(
+            h.ready(std::time::Duration::from_secs(60)),
+            Err("no replica identity".to_string())
+        );
+        h.set_warning("identity:public.t", None);
+        assert!(h.ready(std::time::Duration::from_secs(60)).is_ok());
     }
 
     #[test]

@@ -77,11 +77,10 @@ impl AvroType {
             ColumnType::Uuid => AvroType::Uuid,
             ColumnType::Json => AvroType::Json,
             ColumnType::Array(inner) => {
-                if matches!(**inner, ColumnType::Array(_)) {
-                    return Err("nested array types are not supported".into());
-                }
                 AvroType::Array(Box::new(AvroType::for_column_named(inner, name)?))
             }
+            ColumnType::Hstore => AvroType::Json,
+            ColumnType::Geometry => AvroType::Bytes,
             ColumnType::Record(fields) => AvroType::Record {
                 name: name.to_string(),
                 fields: fields
@@ -144,7 +143,7 @@ pub enum EncodeError {
     Unchanged,
     #[error("the value could not be read: {0}")]
     Invalid(String),
-    #[error("a numeric value of {value} characters does not fit decimal({precision},{scale}) (or is NaN/infinite)")]
+    #[error("a numeric value of {value} characters does not fit decimal({precision},{scale}) (or is NaN/infinite); publish the column as text (`type: string`) to carry NaN, Infinity and any precision")]
     Decimal {
         value: String,
         precision: u32,
@@ -247,7 +246,7 @@ pub fn write_value(buf: &mut Vec<u8>, ty: &AvroType, v: &Value) -> Result<(), En
             if !items.is_empty() {
                 write_long(buf, i64::try_from(items.len()).unwrap_or(i64::MAX));
                 for item in items {
-                    if matches!(item, Value::Array(_)) {
+                    if matches!(item, Value::Array(_)) && !matches!(**inner, AvroType::Array(_)) {
                         return Err(EncodeError::Mismatch {
                             expected: "a one-dimensional array".into(),
                             value: "a multi-dimensional array".into(),

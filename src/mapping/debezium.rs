@@ -192,7 +192,10 @@ impl DzType {
             ColumnType::Date => DzType::Date,
             ColumnType::Time => DzType::MicroTime,
             ColumnType::Uuid => DzType::Uuid,
-            ColumnType::Json => DzType::Json,
+            // Debezium's `hstore.handling.mode: json`, its default.
+            ColumnType::Json | ColumnType::Hstore => DzType::Json,
+            // EWKB bytes (Debezium itself gives a {wkb, srid} struct).
+            ColumnType::Geometry => DzType::Avro(AvroType::Bytes),
             ColumnType::Array(inner) => match **inner {
                 // Published as their text form, like the domain event's `type: string`.
                 ColumnType::Array(_) | ColumnType::Unsupported(_) => DzType::Avro(AvroType::String),
@@ -882,8 +885,13 @@ impl Encoder<'_> {
         write_optional_bytes(&mut buf, Some(sequence.as_bytes()));
         write_optional_long(&mut buf, Some(ts_us));
         write_optional_long(&mut buf, Some(ts_us.saturating_mul(1000)));
-        write_bytes(&mut buf, ev.table.schema.as_bytes());
-        write_bytes(&mut buf, ev.table.name.as_bytes());
+        // Debezium names the table a row lives in: an inheritance child's.
+        let (schema, name) = match &ev.meta.relation {
+            Some(r) => (r.0.as_str(), r.1.as_str()),
+            None => (ev.table.schema.as_str(), ev.table.name.as_str()),
+        };
+        write_bytes(&mut buf, schema.as_bytes());
+        write_bytes(&mut buf, name.as_bytes());
         write_optional_long(&mut buf, ev.meta.xid.map(i64::from));
         write_optional_long(
             &mut buf,

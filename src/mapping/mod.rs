@@ -85,6 +85,9 @@ publish to a new topic (for example `{topic_v2}`), or change the subject's compa
         op: &'static str,
         column: String,
     },
+    /// Several mappings refused at once (each with its file and line).
+    #[error("{} problems found:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Many(Vec<MappingError>),
 }
 
 impl MappingError {
@@ -174,13 +177,15 @@ impl Mapper {
     ) -> Result<Self, MappingError> {
         let mut rules = HashMap::new();
         let mut topics: HashMap<String, PathBuf> = HashMap::new();
+        let mut problems: Vec<MappingError> = Vec::new();
         for m in mappings {
             let qualified = m.qualified_table();
             let Some(table) = tables.get(&qualified) else {
-                return Err(m.err("table", format!("table {qualified} does not exist in the database (or the user cannot see it)")).into());
+                problems.push(m.err("table", format!("table {qualified} does not exist in the database (or the user cannot see it)")).into());
+                continue;
             };
             if let Some(other) = topics.insert(m.spec.topic.clone(), m.path.clone()) {
-                return Err(m
+                problems.push(m
                     .err(
                         "topic",
                         format!(
@@ -190,17 +195,26 @@ impl Mapper {
                         ),
                     )
                     .into());
+                continue;
             }
             if rules.contains_key(&qualified) {
-                return Err(m
-                    .err("table", format!("table {qualified} is mapped twice"))
-                    .into());
+                problems.push(
+                    m.err("table", format!("table {qualified} is mapped twice"))
+                        .into(),
+                );
+                continue;
             }
-            let mut rule = compile(m, table)?;
+            let mut rule = match compile(m, table) {
+                Ok(rule) => rule,
+                Err(e) => {
+                    problems.push(e);
+                    continue;
+                }
+            };
             rule.compiled_against = table.clone();
             if let Some(dz) = &rule.debezium {
                 if let Some(other) = topics.insert(dz.topic.to_string(), m.path.clone()) {
-                    return Err(m
+                    problems.push(m
                         .err(
                             "debezium",
                             format!(
@@ -210,9 +224,15 @@ impl Mapper {
                             ),
                         )
                         .into());
+                    continue;
                 }
             }
             rules.insert(qualified, rule);
+        }
+        match problems.len() {
+            0 => {}
+            1 => return Err(problems.remove(0)),
+            _ => return Err(MappingError::Many(problems)),
         }
         let with_debezium = rules.values().any(|r| r.debezium.is_some());
         Ok(Mapper {
@@ -447,8 +467,13 @@ impl Mapper {
         }
         write_bytes(&mut buf, ev.table.kind.connector().as_bytes());
         write_bytes(&mut buf, ev.table.database.as_bytes());
-        write_bytes(&mut buf, ev.table.schema.as_bytes());
-        write_bytes(&mut buf, ev.table.name.as_bytes());
+        // An inheritance child's rows name the child they live in.
+        let (schema, name) = match &ev.meta.relation {
+            Some(r) => (r.0.as_str(), r.1.as_str()),
+            None => (ev.table.schema.as_str(), ev.table.name.as_str()),
+        };
+        write_bytes(&mut buf, schema.as_bytes());
+        write_bytes(&mut buf, name.as_bytes());
         write_long(&mut buf, i64::try_from(ev.meta.lsn.0).unwrap_or(i64::MAX));
         write_nullable(
             &mut buf,
@@ -620,8 +645,14 @@ fn compile(m: &LoadedMapping, table: &TableInfo) -> Result<TableRule, MappingErr
     let s = &m.spec;
     let mut events: HashMap<&'static str, Arc<str>> = HashMap::new();
     events.insert("insert", Arc::from(s.events.insert.as_str()));
-    events.insert("update", Arc::from(s.events.update.as_str()));
-    events.insert("delete", Arc::from(s.events.delete.as_str()));
+    if !s.insert_only {
+        if let Some(u) = &s.events.update {
+            events.insert("update", Arc::from(u.as_str()));
+        }
+        if let Some(d) = &s.events.delete {
+            events.insert("delete", Arc::from(d.as_str()));
+        }
+    }
     events.insert(
         "snapshot",
         Arc::from(s.events.snapshot.as_deref().unwrap_or(&s.events.insert)),
@@ -789,9 +820,17 @@ pub fn pascal_case(s: &str) -> String {
 fn envelope_schema(row_name: &str, table: &TableInfo, fields: &[FieldPlan]) -> String {
     let db_schema = &table.schema;
     let qualified = table.qualified();
+    // A column whose name is not an Avro name keeps it in the schema.
     let row_fields: Vec<serde_json::Value> = fields
         .iter()
-        .map(|f| json!({"name": f.out, "type": ["null", f.ty.schema()], "default": null}))
+        .map(|f| {
+            let mut field =
+                json!({"name": f.out, "type": ["null", f.ty.schema()], "default": null});
+            if !spec::is_avro_name(&f.column) {
+                field["unilog.column"] = json!(f.column);
+            }
+            field
+        })
         .collect();
     let namespace = format!("unilog.{}", sanitize_name(db_schema));
     let schema = json!({

@@ -4,6 +4,7 @@
 //! ```yaml
 //! table: public.users          # schema.table (schema defaults to public)
 //! topic: legacy.users          # the shared topic; subject is `<topic>-value`
+//!                              # (default: `<schema>.<table>`, made a valid topic name)
 //! record: User                 # Avro record name (default: from the table)
 //! key: [id]                    # entity key (default: the primary key)
 //! events:                      # event type per operation
@@ -18,6 +19,10 @@
 //!   created_at: { as: registered_at }
 //!   plan: { type: string }     # publish as text
 //! drop: [password_digest]      # never leaves the database
+//! insert_only: false           # true: publish inserts only (append-only tables
+//!                              # without a replica identity, such as audit logs)
+//! children: include            # an inheritance parent: also its children's rows
+//!                              # (`exclude`: the parent's own rows only)
 //! debezium:                    # also publish Debezium's change envelope (optional)
 //!   server_name: legacy        # Debezium's topic.prefix, the logical server name
 //!   topic: legacy.public.users # default: <server_name>.<schema>.<table>
@@ -43,6 +48,8 @@ use crate::config::{load_yaml, ConfigError};
 #[serde(deny_unknown_fields)]
 pub struct MappingSpec {
     pub table: String,
+    /// Default: `<schema>.<table>` made a valid topic name ([`default_topic`]).
+    #[serde(default)]
     pub topic: String,
     pub record: Option<String>,
     pub key: Option<Vec<String>>,
@@ -55,6 +62,26 @@ pub struct MappingSpec {
     /// MongoDB only: the declared type of each field, since a collection
     /// has no catalog. Documents that do not fit go to the dead-letter topic.
     pub fields: Option<IndexMap<String, FieldDecl>>,
+    /// Publish inserts (and truncates) only, through the insert-only
+    /// publication: for append-only tables without a replica identity,
+    /// whose UPDATE and DELETE a full publication would make fail.
+    #[serde(default)]
+    pub insert_only: bool,
+    /// An inheritance parent: whether its children's rows are published
+    /// too (as `SELECT * FROM parent` shows them) or only its own.
+    #[serde(default)]
+    pub children: ChildRows,
+}
+
+/// Which rows of an inheritance parent a mapping covers.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ChildRows {
+    /// The parent's and every child's (`SELECT * FROM parent`).
+    #[default]
+    Include,
+    /// The parent's own rows only (`SELECT * FROM ONLY parent`).
+    Exclude,
 }
 
 /// The declared type of one document field: `email: string`, or the long
@@ -150,8 +177,10 @@ const fn default_tombstones() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct EventNames {
     pub insert: String,
-    pub update: String,
-    pub delete: String,
+    /// Required unless the mapping is `insert_only`.
+    pub update: Option<String>,
+    /// Required unless the mapping is `insert_only`.
+    pub delete: Option<String>,
     pub snapshot: Option<String>,
     pub truncate: Option<String>,
 }
@@ -196,7 +225,10 @@ impl LoadedMapping {
     /// Reads and parses one mapping file (syntax and key names only; the
     /// checks against the table happen when the [`super::Mapper`] is built).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let (spec, text): (MappingSpec, String) = load_yaml(path)?;
+        let (mut spec, text): (MappingSpec, String) = load_yaml(path)?;
+        if spec.topic.is_empty() {
+            spec.topic = default_topic(&qualify(&spec.table));
+        }
         let loaded = LoadedMapping {
             path: path.to_path_buf(),
             text,
@@ -214,6 +246,12 @@ impl LoadedMapping {
     /// `schema.table` of the mapped table.
     pub fn qualified_table(&self) -> String {
         qualify(&self.spec.table)
+    }
+
+    /// (schema, table) of a PostgreSQL mapping: `table:` split at its first
+    /// dot outside double quotes, quotes removed (`'"my.schema".orders'`).
+    pub fn table_parts(&self) -> (String, String) {
+        split_qualified(&self.spec.table)
     }
 
     fn check_names(&self) -> Result<(), ConfigError> {
@@ -235,10 +273,26 @@ impl LoadedMapping {
                 ));
             }
         }
+        if !s.insert_only {
+            for (field, name) in [("update", &s.events.update), ("delete", &s.events.delete)] {
+                if name.is_none() {
+                    return Err(self.err(
+                        "events",
+                        format!("missing field `{field}`: name the event of each operation (or set `insert_only: true` for a table that is only inserted into)"),
+                    ));
+                }
+            }
+        }
+        if split_qualified_checked(&s.table).is_err() {
+            return Err(self.err(
+                "table",
+                format!("`{}` is not a table name: write `schema.table`, and put a name holding a dot in double quotes (`'\"my.schema\".orders'`)", s.table),
+            ));
+        }
         let names = [
             ("events.insert", Some(&s.events.insert)),
-            ("events.update", Some(&s.events.update)),
-            ("events.delete", Some(&s.events.delete)),
+            ("events.update", s.events.update.as_ref()),
+            ("events.delete", s.events.delete.as_ref()),
             ("events.snapshot", s.events.snapshot.as_ref()),
             ("events.truncate", s.events.truncate.as_ref()),
         ];
@@ -313,13 +367,98 @@ impl ColumnRule {
     }
 }
 
-/// `users` -> `public.users`.
+/// `users` -> `public.users`; `'"my.schema"."Order Items"'` ->
+/// `my.schema.Order Items` (the catalog's names joined by a dot, as
+/// [`crate::event::TableInfo::qualified`] writes them).
 pub fn qualify(table: &str) -> String {
-    if table.contains('.') {
+    if table.contains('"') {
+        let (schema, name) = split_qualified(table);
+        crate::event::pg_qualified(&schema, &name)
+    } else if table.contains('.') {
         table.to_string()
     } else {
         format!("public.{table}")
     }
+}
+
+/// (schema, table) of `table:`; see [`LoadedMapping::table_parts`]. A
+/// malformed name is split as well as it can be (loading refuses it).
+pub fn split_qualified(table: &str) -> (String, String) {
+    split_qualified_checked(table).unwrap_or_else(|()| match table.split_once('.') {
+        Some((s, n)) => (s.to_string(), n.to_string()),
+        None => ("public".to_string(), table.to_string()),
+    })
+}
+
+/// Splits at the first dot outside double quotes and unquotes each part
+/// (`""` inside quotes is one `"`). `Err` for an unterminated quote, an
+/// empty part, or text after a closing quote.
+fn split_qualified_checked(table: &str) -> Result<(String, String), ()> {
+    let mut parts = vec![String::new()];
+    let mut chars = table.chars().peekable();
+    let mut quoted_part = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if parts.last().is_some_and(String::is_empty) && !quoted_part => {
+                quoted_part = true;
+                loop {
+                    match chars.next() {
+                        None => return Err(()),
+                        Some('"') if chars.peek() == Some(&'"') => {
+                            chars.next();
+                            parts.last_mut().ok_or(())?.push('"');
+                        }
+                        Some('"') => break,
+                        Some(c) => parts.last_mut().ok_or(())?.push(c),
+                    }
+                }
+                if !matches!(chars.peek(), None | Some('.')) {
+                    return Err(());
+                }
+            }
+            '"' => return Err(()),
+            '.' if parts.len() == 1 => {
+                if parts[0].is_empty() {
+                    return Err(());
+                }
+                parts.push(String::new());
+                quoted_part = false;
+            }
+            c => parts.last_mut().ok_or(())?.push(c),
+        }
+    }
+    match parts.as_slice() {
+        [name] if !name.is_empty() => Ok(("public".to_string(), name.clone())),
+        [schema, name] if !schema.is_empty() && !name.is_empty() => {
+            Ok((schema.clone(), name.clone()))
+        }
+        _ => Err(()),
+    }
+}
+
+/// The topic of a mapping without `topic:`: `<schema>.<table>`, every
+/// character a topic name cannot hold replaced by `_`, and a name longer
+/// than Kafka's 249 characters cut, with a hash of the whole name, so two
+/// long names do not meet.
+pub fn default_topic(qualified: &str) -> String {
+    let clean: String = qualified
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if clean.len() <= 249 && clean != "." && clean != ".." {
+        return clean;
+    }
+    // FNV-1a: stable across builds and platforms.
+    let hash = qualified.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("{}.{hash:016x}", &clean[..232])
 }
 
 /// Kafka topic names: 1 to 249 of letters, digits, `.`, `_`, `-`.
@@ -451,6 +590,58 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing field `server_name`"), "{err}");
+    }
+
+    #[test]
+    fn table_names_split_outside_quotes() {
+        assert_eq!(split_qualified("users"), ("public".into(), "users".into()));
+        assert_eq!(split_qualified("app.users"), ("app".into(), "users".into()));
+        assert_eq!(
+            split_qualified("app.order.items"),
+            ("app".into(), "order.items".into())
+        );
+        assert_eq!(
+            split_qualified("\"my.schema\".\"Order \"\"Items\"\"\""),
+            ("my.schema".into(), "Order \"Items\"".into())
+        );
+        assert_eq!(
+            split_qualified("\"Ünïcode\""),
+            ("public".into(), "Ünïcode".into())
+        );
+        for bad in ["\"open", ".x", "a.", "\"a\"b.c", "a.\"b\"c"] {
+            assert!(split_qualified_checked(bad).is_err(), "{bad}");
+        }
+        assert_eq!(qualify("\"my.schema\".t"), "my.schema.t");
+    }
+
+    #[test]
+    fn default_topics_are_valid_for_any_table() {
+        assert_eq!(default_topic("public.users"), "public.users");
+        assert_eq!(
+            default_topic("public.Order Items (2024)"),
+            "public.Order_Items__2024_"
+        );
+        assert_eq!(default_topic("app.Ünïcode"), "app._n_code");
+        let long = format!("public.{}", "x".repeat(300));
+        let t = default_topic(&long);
+        assert!(is_topic_name(&t) && t.len() <= 249, "{t}");
+        assert_ne!(t, default_topic(&format!("{long}y")));
+    }
+
+    #[test]
+    fn insert_only_mappings_need_no_update_or_delete_event() {
+        let m =
+            load("table: audit\ninsert_only: true\nkey: [id]\nevents:\n  insert: AuditLogged\n")
+                .unwrap();
+        assert!(m.spec.insert_only);
+        assert_eq!(m.spec.topic, "public.audit");
+        let err = load("table: audit\nevents:\n  insert: AuditLogged\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("missing field `update`") && err.contains("insert_only: true"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -81,6 +81,7 @@ fn event(op: Op, before: Option<Vec<Value>>, after: Option<Vec<Value>>) -> Chang
             lsn: Lsn(0x1_0000_0008),
             xid: Some(777),
             commit_time_micros: Some(1_700_000_000_000_001),
+            relation: None,
         },
         before,
         after,

@@ -113,6 +113,7 @@ fn event(op: Op, before: Option<Vec<Value>>, after: Option<Vec<Value>>) -> Chang
             lsn: Lsn(0x1_0000_0008),
             xid: (!snapshot).then_some(777),
             commit_time_micros: (!snapshot).then_some(1_700_000_000_000_001),
+            relation: None,
         },
         before,
         after,

@@ -40,6 +40,31 @@ fn builtin(oid: u32, typmod: i32) -> Option<ColumnType> {
     })
 }
 
+/// `ty` as an array of `dims` dimensions (`pg_attribute.attndims`, 0 when
+/// not declared): `int[][]` is `Array(Array(Int32))`. Not an array: as is.
+pub fn with_dims(ty: ColumnType, dims: i32) -> ColumnType {
+    let ColumnType::Array(leaf) = ty else {
+        return ty;
+    };
+    let mut out = ColumnType::Array(leaf);
+    for _ in 1..dims {
+        out = ColumnType::Array(Box::new(out));
+    }
+    out
+}
+
+/// Whether two column types are the same but for the number of array
+/// dimensions (a Relation message does not say them).
+pub fn same_but_dims(a: &ColumnType, b: &ColumnType) -> bool {
+    fn leaf(t: &ColumnType) -> &ColumnType {
+        match t {
+            ColumnType::Array(i) => leaf(i),
+            t => t,
+        }
+    }
+    matches!(a, ColumnType::Array(_)) && matches!(b, ColumnType::Array(_)) && leaf(a) == leaf(b)
+}
+
 /// `numeric(p,s)` from its type modifier.
 pub fn numeric_typmod(typmod: i32) -> Option<(u32, u32)> {
     if typmod < 4 {
@@ -54,6 +79,18 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// `schema.table` as SQL writes it: `"schema"."table"`.
+pub fn sql_name(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
+/// [`sql_name`] of a `schema.table` as mappings write it (split at the
+/// first dot).
+pub fn sql_name_of(qualified: &str) -> String {
+    let (s, n) = qualified.split_once('.').unwrap_or(("public", qualified));
+    sql_name(s, n)
+}
+
 impl Catalog {
     /// A catalog reader for `database`.
     pub fn new(database: &str) -> Self {
@@ -63,22 +100,30 @@ impl Catalog {
         }
     }
 
-    /// The table `schema.table`, or `None` if it does not exist.
+    /// The table `schema.name`, or `None` if it does not exist (or is not
+    /// a table). Stored generated columns are left out before PostgreSQL
+    /// 18, whose logical replication does not send them. A column is part
+    /// of the key when it is in the primary key or, without one, in the
+    /// `REPLICA IDENTITY USING INDEX` index.
     pub async fn table(
         &mut self,
         client: &Client,
-        qualified: &str,
+        schema: &str,
+        name: &str,
     ) -> Result<Option<TableInfo>, tokio_postgres::Error> {
-        let (schema, name) = qualified.split_once('.').unwrap_or(("public", qualified));
         let rows = client
             .query(
                 "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-                        COALESCE((SELECT true FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND a.attnum = ANY(i.indkey)), false)
+                        COALESCE((SELECT true FROM pg_index i WHERE i.indrelid = c.oid AND a.attnum = ANY(i.indkey)
+                                    AND (i.indisprimary OR (i.indisreplident AND c.relreplident = 'i'
+                                         AND NOT EXISTS (SELECT 1 FROM pg_index p WHERE p.indrelid = c.oid AND p.indisprimary)))), false),
+                        a.attndims
                  FROM pg_class c
                  JOIN pg_namespace n ON n.oid = c.relnamespace
                  JOIN pg_attribute a ON a.attrelid = c.oid
                  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')
                    AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (a.attgenerated = '' OR current_setting('server_version_num')::int >= 180000)
                  ORDER BY a.attnum",
                 &[&schema, &name],
             )
@@ -91,6 +136,7 @@ impl Catalog {
             let oid = u32::try_from(row.get::<_, i64>(1)).unwrap_or_default();
             let typmod: i32 = row.get(2);
             let (ty, _) = self.resolve(client, oid, typmod).await?;
+            let ty = with_dims(ty, row.get::<_, i32>(6));
             columns.push(ColumnInfo {
                 name: row.get(0),
                 type_name: row.get(3),
@@ -131,7 +177,8 @@ impl Catalog {
     ) -> Result<(ColumnType, String), tokio_postgres::Error> {
         let row = client
             .query_opt(
-                "SELECT format_type(oid, $2), typtype::text, typelem::int8, typcategory::text, typbasetype::int8
+                "SELECT format_type(oid, $2), typtype::text, typelem::int8, typcategory::text, typbasetype::int8,
+                        typname::text, typrelid::int8, typtypmod
                  FROM pg_type WHERE oid = $1::int8::oid",
                 &[&i64::from(oid), &typmod],
             )
@@ -150,6 +197,9 @@ impl Catalog {
         let elem = u32::try_from(row.get::<_, i64>(2)).unwrap_or_default();
         let category: String = row.get(3);
         let base = u32::try_from(row.get::<_, i64>(4)).unwrap_or_default();
+        let typname: String = row.get(5);
+        let relid = u32::try_from(row.get::<_, i64>(6)).unwrap_or_default();
+        let base_typmod: i32 = row.get(7);
         let ty = match (typtype.as_str(), category.as_str()) {
             ("e", _) => {
                 let labels = client
@@ -163,12 +213,49 @@ impl Catalog {
                     .collect();
                 ColumnType::Enum(labels)
             }
-            ("d", _) if base != 0 => Box::pin(self.resolve(client, base, typmod)).await?.0,
+            // A domain is published as its base type (with the domain's
+            // own modifier, as `numeric(10,2)` in `CREATE DOMAIN`).
+            ("d", _) if base != 0 => {
+                let m = if typmod >= 0 { typmod } else { base_typmod };
+                Box::pin(self.resolve(client, base, m)).await?.0
+            }
             (_, "A") if elem != 0 => {
                 let (inner, _) = Box::pin(self.resolve(client, elem, typmod)).await?;
                 ColumnType::Array(Box::new(inner))
             }
-            _ => ColumnType::Unsupported(name.clone()),
+            ("c", _) if relid != 0 => {
+                let attrs = client
+                    .query(
+                        "SELECT attname::text, atttypid::int8, atttypmod, format_type(atttypid, atttypmod)
+                         FROM pg_attribute WHERE attrelid = $1::int8::oid AND attnum > 0 AND NOT attisdropped
+                         ORDER BY attnum",
+                        &[&i64::from(relid)],
+                    )
+                    .await?;
+                let mut fields = Vec::with_capacity(attrs.len());
+                for a in attrs {
+                    let f_oid = u32::try_from(a.get::<_, i64>(1)).unwrap_or_default();
+                    let (fty, _) = Box::pin(self.resolve(client, f_oid, a.get(2))).await?;
+                    fields.push(ColumnInfo {
+                        name: a.get(0),
+                        type_name: a.get(3),
+                        ty: fty,
+                        nullable: true,
+                        key: false,
+                    });
+                }
+                ColumnType::Record(fields)
+            }
+            _ => match typname.as_str() {
+                "citext" => ColumnType::Text,
+                "hstore" => ColumnType::Hstore,
+                "geometry" | "geography" => ColumnType::Geometry,
+                // Every other base type, ranges and multiranges (and
+                // extension types such as ltree) are published as the
+                // text a client reads.
+                _ if matches!(typtype.as_str(), "b" | "r" | "m") => ColumnType::TextLike,
+                _ => ColumnType::Unsupported(name.clone()),
+            },
         };
         Ok((ty, name))
     }

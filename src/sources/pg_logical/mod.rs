@@ -31,7 +31,12 @@
 //! checkpoint, and the stream resumes from whichever of the two is later.
 
 pub mod catalog;
+pub mod children;
+pub mod composite;
 pub mod pgoutput;
+pub mod publication;
+pub mod relations;
+pub mod safety;
 pub mod snapshot;
 pub mod tls;
 pub mod values;
@@ -45,7 +50,7 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, Repl
 use tokio_postgres::Client;
 
 use crate::checkpoint::{CheckpointError, CheckpointStore, FileCheckpointStore, PgCheckpoint};
-use crate::config::{redact_url, SlotLostPolicy, SnapshotMode};
+use crate::config::{redact_url, ReplicaIdentityFix, SlotLostPolicy, SnapshotMode};
 use crate::event::{
     ChangeEvent, ColumnInfo, Lsn, Op, Position, Row, SeqKey, SourceKind, SourceMeta, TableInfo,
     Value,
@@ -53,8 +58,11 @@ use crate::event::{
 use crate::sources::{Source, SourceBatch};
 use catalog::{quote_ident, Catalog};
 use pgoutput::{decode, pg_epoch_micros_to_unix, LogicalMessage, OldTuple, TupleData, TupleValue};
-use snapshot::SnapshotReader;
+use snapshot::{CopySource, SnapshotReader};
 use tls::PgUrl;
+
+/// How often the published tables' replica identities are read again.
+const IDENTITY_CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Session settings that make text values parse the same everywhere.
 pub const SESSION_OPTIONS: &str =
@@ -132,6 +140,10 @@ pub struct PgSettings {
     pub snapshot: SnapshotMode,
     pub manage_publication: bool,
     pub on_slot_lost: SlotLostPolicy,
+    /// The publication of `insert_only` mappings.
+    pub insert_publication: String,
+    /// What unilog may run on a table without a replica identity.
+    pub set_replica_identity: ReplicaIdentityFix,
 }
 
 /// How a slot the pipeline streamed from went away.
@@ -159,7 +171,7 @@ pub struct PgSource {
     database: String,
     repl: Option<ReplicationClient>,
     start_lsn: Lsn,
-    relations: HashMap<u32, Arc<TableInfo>>,
+    relations: HashMap<u32, children::Rel>,
     known: HashMap<String, Arc<TableInfo>>,
     txn: Option<Txn>,
     store: FileCheckpointStore,
@@ -171,6 +183,24 @@ pub struct PgSource {
     acked: Lsn,
     /// The TLS version of the ordinary connection; `None`: plain TCP.
     tls: Option<String>,
+    /// How each mapped table is published (from [`Self::ensure_publication`]).
+    plans: Vec<safety::TablePlan>,
+    /// The publications the slot reads.
+    publications: Vec<String>,
+    /// Mapped inheritance parents and the children seen.
+    children: children::Children,
+    /// New children waiting to be copied, then the copy being read.
+    child_queue: Vec<children::NewChild>,
+    child_copy: Option<(SnapshotReader, Vec<String>)>,
+    /// Copies read, with the last position handed out before they ended:
+    /// an acknowledgement past it means Kafka confirmed the copy.
+    copies_done: Vec<(Lsn, Vec<String>)>,
+    /// The highest position handed out in a batch.
+    emitted: Lsn,
+    /// Children already warned about (not published, and why).
+    warned: std::collections::HashSet<u32>,
+    /// When the replica identities of the published tables were last read.
+    identities_checked: Option<Instant>,
 }
 
 /// The server's own words for an error (`password authentication failed
@@ -299,6 +329,7 @@ impl PgSource {
             )));
         }
         let state = store.load()?;
+        let settings_publication = settings.publication.clone();
         Ok(PgSource {
             catalog: Catalog::new(&database),
             database,
@@ -316,6 +347,15 @@ impl PgSource {
             server_end: Lsn(0),
             acked: Lsn(0),
             tls,
+            plans: Vec::new(),
+            publications: vec![settings_publication],
+            children: children::Children::default(),
+            child_queue: Vec::new(),
+            child_copy: None,
+            copies_done: Vec::new(),
+            emitted: Lsn(0),
+            warned: std::collections::HashSet::new(),
+            identities_checked: None,
         })
     }
 
@@ -351,99 +391,71 @@ impl PgSource {
         &self.database
     }
 
-    /// Reads the named tables (`schema.table`) from the catalog; missing
-    /// tables are left out of the answer.
+    /// Reads the named tables, (schema, table), from the catalog; missing
+    /// tables (and relations that are not tables) are left out of the
+    /// answer, which is keyed by `schema.table`.
     pub async fn load_tables(
         &mut self,
-        names: &[String],
+        names: &[(String, String)],
     ) -> Result<HashMap<String, Arc<TableInfo>>, PgError> {
         let mut out = HashMap::new();
-        for name in names {
+        for (schema, name) in names {
+            let q = crate::event::pg_qualified(schema, name);
             if let Some(t) = self
                 .catalog
-                .table(&self.client, name)
+                .table(&self.client, schema, name)
                 .await
-                .map_err(query_err(format!("reading the definition of {name}")))?
+                .map_err(query_err(format!("reading the definition of {q}")))?
             {
-                out.insert(name.clone(), Arc::new(t));
+                out.insert(q, Arc::new(t));
             }
         }
         self.known.clone_from(&out);
         Ok(out)
     }
 
-    /// Makes sure the publication exists and covers `tables`, creating or
-    /// extending it when allowed. Returns what it changed, for the log.
-    pub async fn ensure_publication(
+    /// What the catalog says of each named relation and everything below
+    /// it (partitions, inheritance children); missing ones are left out.
+    pub async fn load_relations(
         &self,
-        tables: &[String],
-        dry_run: bool,
-    ) -> Result<Vec<String>, PgError> {
-        let publ = &self.settings.publication;
-        let exists = self
-            .client
-            .query_opt(
-                "SELECT puballtables FROM pg_publication WHERE pubname = $1",
-                &[publ],
-            )
-            .await
-            .map_err(query_err("reading publications"))?;
-        let quoted = |t: &String| {
-            let (s, n) = t.split_once('.').unwrap_or(("public", t));
-            format!("{}.{}", quote_ident(s), quote_ident(n))
-        };
-        let mut changes = Vec::new();
-        match exists {
-            None => {
-                let sql = format!(
-                    "CREATE PUBLICATION {} FOR TABLE {}",
-                    quote_ident(publ),
-                    tables.iter().map(quoted).collect::<Vec<_>>().join(", ")
-                );
-                if !self.settings.manage_publication {
-                    return Err(PgError::Setup(format!(
-                        "publication `{publ}` does not exist; create it with `{sql}` or set source.postgres.manage_publication: true"
-                    )));
-                }
-                if !dry_run {
-                    self.client
-                        .batch_execute(&sql)
-                        .await
-                        .map_err(query_err(format!("creating publication {publ}")))?;
-                }
-                changes.push(sql);
-            }
-            Some(row) if row.get::<_, bool>(0) => {}
-            Some(_) => {
-                let present: Vec<String> = self
-                    .client
-                    .query("SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables WHERE pubname = $1", &[publ])
-                    .await
-                    .map_err(query_err(format!("reading the tables of publication {publ}")))?
-                    .into_iter()
-                    .map(|r| r.get(0))
-                    .collect();
-                for t in tables.iter().filter(|t| !present.contains(t)) {
-                    let sql = format!(
-                        "ALTER PUBLICATION {} ADD TABLE {}",
-                        quote_ident(publ),
-                        quoted(t)
-                    );
-                    if !self.settings.manage_publication {
-                        return Err(PgError::Setup(format!(
-                            "publication `{publ}` does not include {t}; run `{sql}` or set source.postgres.manage_publication: true"
-                        )));
-                    }
-                    if !dry_run {
-                        self.client
-                            .batch_execute(&sql)
-                            .await
-                            .map_err(query_err(format!("adding {t} to publication {publ}")))?;
-                    }
-                    changes.push(sql);
-                }
+        names: &[(String, String)],
+    ) -> Result<HashMap<String, relations::Relation>, PgError> {
+        let mut out = HashMap::new();
+        for (schema, name) in names {
+            let q = crate::event::pg_qualified(schema, name);
+            if let Some(r) = relations::load(&self.client, schema, name)
+                .await
+                .map_err(query_err(format!("reading the catalog entry of {q}")))?
+            {
+                out.insert(q, r);
             }
         }
+        Ok(out)
+    }
+
+    /// Makes the publications cover `plans` (see [`publication`]), and
+    /// remembers the plans for the stream. Returns the SQL it ran (or, with
+    /// `dry_run`, would run), for the log.
+    pub async fn ensure_publication(
+        &mut self,
+        plans: Vec<safety::TablePlan>,
+        dry_run: bool,
+    ) -> Result<Vec<String>, PgError> {
+        let changes = publication::ensure(
+            &self.client,
+            &self.settings.publication,
+            &self.settings.insert_publication,
+            &plans,
+            self.settings.manage_publication,
+            dry_run,
+        )
+        .await?;
+        self.publications = vec![self.settings.publication.clone()];
+        if plans.iter().any(|p| p.insert_only) {
+            self.publications
+                .push(self.settings.insert_publication.clone());
+        }
+        self.plans = plans;
         Ok(changes)
     }
 
@@ -476,7 +488,7 @@ impl PgSource {
             password,
             self.database.clone(),
             self.settings.slot.clone(),
-            self.settings.publication.clone(),
+            pgwire_replication::config::Publication::from(self.publications.clone()),
         )
         .with_port(port)
         .with_options(SESSION_OPTIONS)
@@ -588,6 +600,7 @@ impl PgSource {
                         .await
                         .map_err(repl_err(&self.settings.url))?,
                 );
+                self.init_children(false).await?;
                 return Ok(None);
             }
             tracing::warn!(slot = %slot, "the last initial snapshot did not finish; dropping the slot and starting over");
@@ -627,6 +640,7 @@ impl PgSource {
             snapshot_complete: !snapshot_needed,
             delivered_lsn: Some(consistent.to_string()),
             last_error: None,
+            pending_children: Vec::new(),
         };
         self.store.commit(&self.state)?;
         self.start_lsn = consistent;
@@ -634,15 +648,306 @@ impl PgSource {
             let name = field(2).ok_or_else(|| {
                 PgError::Setup("CREATE_REPLICATION_SLOT exported no snapshot".into())
             })?;
-            Some(
-                SnapshotReader::begin(&self.settings.url, &name, consistent, tables.to_vec())
-                    .await?,
-            )
+            let sources = self.copy_sources(tables);
+            Some(SnapshotReader::begin(&self.settings.url, &name, consistent, sources).await?)
         } else {
             None
         };
         self.repl = Some(repl);
+        self.init_children(snapshot_needed).await?;
         Ok(reader)
+    }
+
+    /// What the initial snapshot reads for each mapped table: the root of
+    /// a partitioned table, an inheritance parent with its children (each
+    /// row with its `tableoid`) unless `children: exclude`.
+    fn copy_sources(&self, tables: &[Arc<TableInfo>]) -> Vec<CopySource> {
+        tables
+            .iter()
+            .map(|t| {
+                let plan = self.plans.iter().find(|p| p.qualified == t.qualified());
+                let sql = catalog::sql_name(&t.schema, &t.name);
+                match plan {
+                    Some(p) if p.only => CopySource {
+                        table: t.clone(),
+                        from: format!("ONLY {sql}"),
+                        origin_of: None,
+                    },
+                    Some(p) if !p.children.is_empty() => CopySource {
+                        table: t.clone(),
+                        from: sql,
+                        origin_of: Some(p.oid),
+                    },
+                    _ => CopySource {
+                        table: t.clone(),
+                        from: sql,
+                        origin_of: None,
+                    },
+                }
+            })
+            .collect()
+    }
+
+    /// Starts tracking the mapped inheritance parents. The children in a
+    /// publication now are covered (by the snapshot, or by an earlier
+    /// run); children the checkpoint says were not fully copied yet are
+    /// copied again.
+    async fn init_children(&mut self, fresh_snapshot: bool) -> Result<(), PgError> {
+        let parents: Vec<children::Parent> = self
+            .plans
+            .iter()
+            .filter(|p| !p.only && !p.partitioned)
+            .map(|p| children::Parent {
+                oid: p.oid,
+                qualified: p.qualified.clone(),
+                publication: if p.insert_only {
+                    self.settings.insert_publication.clone()
+                } else {
+                    self.settings.publication.clone()
+                },
+                insert_only: p.insert_only,
+            })
+            .collect();
+        let mut known = Vec::new();
+        for name in self.publications.clone() {
+            if let Some(oid) = publication::publication_oid(&self.client, &name).await? {
+                known.extend(publication::members(&self.client, oid).await?);
+            }
+        }
+        self.children = children::Children::new(parents, known);
+        if fresh_snapshot {
+            return Ok(());
+        }
+        for q in self.state.pending_children.clone() {
+            let (schema, name) = q.split_once('.').unwrap_or(("public", &q));
+            let Some(oid) = relations::oid_of(&self.client, schema, name)
+                .await
+                .map_err(query_err(format!("finding {q}")))?
+            else {
+                continue;
+            };
+            if let Some(parent) = self.children.parent_of(&self.client, oid).await? {
+                tracing::info!(child = %q, parent = %parent.qualified, "copying an inheritance child again: its copy was not confirmed before the last stop");
+                self.child_queue.push(children::NewChild {
+                    oid,
+                    schema: schema.to_string(),
+                    name: name.to_string(),
+                    parent: parent.qualified,
+                    publication: parent.publication,
+                    insert_only: parent.insert_only,
+                    published: true,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks for inheritance children created since the last look: each
+    /// one that is safe to publish is added to its publication and queued
+    /// for a copy; the others are reported (log and `/ready`).
+    async fn check_children(&mut self) -> Result<(), PgError> {
+        for c in self.children.discover(&self.client).await? {
+            let q = c.qualified();
+            let Some(facts) = relations::physical_facts(&self.client, &[c.oid])
+                .await
+                .map_err(query_err(format!("reading {q}")))?
+                .pop()
+            else {
+                continue;
+            };
+            let warn = |me: &mut Self, why: String| {
+                let key = format!("child:{q}");
+                if me.warned.insert(c.oid) {
+                    tracing::error!(child = %q, parent = %c.parent, "{why}");
+                }
+                crate::telemetry::health().set_warning(&key, Some(why));
+            };
+            if facts.kind != relations::RelKind::Table
+                || facts.persistence != relations::Persistence::Permanent
+            {
+                let why = format!("{q}, a new child of the mapped table {}, is a {} that logical replication cannot publish ({:?}); its rows are not published", c.parent, facts.kind.describe(), facts.persistence);
+                warn(self, why);
+                self.children.mark_known(c.oid);
+                continue;
+            }
+            if !c.insert_only && !facts.identity.allows_updates() {
+                match safety::planned_fix(&facts, self.settings.set_replica_identity) {
+                    Some((sql, _)) => {
+                        tracing::info!(child = %q, sql = %sql, "giving a new child table a replica identity (set_replica_identity)");
+                        publication::run_ddl(&self.client, &sql).await?;
+                    }
+                    None => {
+                        let why = format!("{q}, a new child of the mapped table {}, has {}: publishing it would make the app's UPDATE and DELETE on it fail, so its rows are not published until it has one (`ALTER TABLE {} REPLICA IDENTITY FULL;`, or a primary key); unilog looks again every {} s", c.parent, facts.identity.describe(), facts.sql_name(), children::CHECK_EVERY.as_secs());
+                        warn(self, why);
+                        continue;
+                    }
+                }
+            }
+            if !c.published && !self.settings.manage_publication {
+                let why = format!("{q}, a new child of the mapped table {}, is not in publication `{}`, so its rows are not published; run `ALTER PUBLICATION {} ADD TABLE ONLY {}` (manage_publication is false)", c.parent, c.publication, quote_ident(&c.publication), c.sql_name());
+                warn(self, why);
+                continue;
+            }
+            self.state.pending_children.push(q.clone());
+            self.store.commit(&self.state)?;
+            if !c.published {
+                let sql = format!(
+                    "ALTER PUBLICATION {} ADD TABLE ONLY {}",
+                    quote_ident(&c.publication),
+                    c.sql_name()
+                );
+                publication::run_ddl(&self.client, &sql).await?;
+                tracing::info!(child = %q, parent = %c.parent, "a new inheritance child: added to the publication; copying its rows");
+            }
+            crate::telemetry::health().set_warning(&format!("child:{q}"), None);
+            self.children.mark_known(c.oid);
+            self.child_queue.push(c);
+        }
+        Ok(())
+    }
+
+    /// Rows of new inheritance children, handed out between transactions:
+    /// the copy under way, else one started for queued children. Also
+    /// looks for new children, and reads the published tables' replica
+    /// identities, when due. `None`: nothing to copy now.
+    async fn next_child_rows(&mut self, max: usize) -> Result<Option<Vec<ChangeEvent>>, PgError> {
+        if self
+            .identities_checked
+            .is_none_or(|t| t.elapsed() >= IDENTITY_CHECK_EVERY)
+        {
+            self.identities_checked = Some(Instant::now());
+            self.check_identities().await?;
+        }
+        if self.children.due() {
+            self.check_children().await?;
+        }
+        if self.child_copy.is_none() && !self.child_queue.is_empty() {
+            self.start_child_copy().await?;
+        }
+        let Some((reader, _)) = self.child_copy.as_mut() else {
+            return Ok(None);
+        };
+        match reader.next_batch(max).await? {
+            Some(events) if !events.is_empty() => Ok(Some(events)),
+            _ => {
+                if let Some((_, names)) = self.child_copy.take() {
+                    self.copies_done
+                        .push((self.emitted.max(self.start_lsn), names));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads the replica identity of every published table with storage
+    /// (partitions created since the start included). One that lost it (or
+    /// a new partition that never had one) makes the app's UPDATE and
+    /// DELETE fail: it is given one when `set_replica_identity` allows,
+    /// else reported in the log and by `/ready` until it has one again.
+    async fn check_identities(&mut self) -> Result<(), PgError> {
+        // Two queries whatever the number of tables: the partitions of the
+        // partitioned ones, then the facts of every table with storage.
+        let mut owner: HashMap<u32, String> = HashMap::new();
+        let mut roots = Vec::new();
+        for plan in self.plans.iter().filter(|p| !p.insert_only) {
+            owner.insert(plan.oid, plan.qualified.clone());
+            if plan.partitioned {
+                roots.push(i64::from(plan.oid));
+            } else if !plan.only {
+                for c in &plan.children {
+                    owner.insert(c.oid, plan.qualified.clone());
+                }
+            }
+        }
+        if owner.is_empty() {
+            return Ok(());
+        }
+        if !roots.is_empty() {
+            let rows = self
+                .client
+                .query(
+                    "SELECT t.relid::int8, r.root FROM unnest($1::int8[]) r(root), pg_partition_tree(r.root::oid) t WHERE t.isleaf",
+                    &[&roots],
+                )
+                .await
+                .map_err(query_err("reading the partitions of the mapped tables"))?;
+            for r in rows {
+                let leaf = u32::try_from(r.get::<_, i64>(0)).unwrap_or_default();
+                let root = u32::try_from(r.get::<_, i64>(1)).unwrap_or_default();
+                if let Some(q) = owner.get(&root).cloned() {
+                    owner.insert(leaf, q);
+                }
+            }
+        }
+        let oids: Vec<u32> = owner.keys().copied().collect();
+        let facts = relations::physical_facts(&self.client, &oids)
+            .await
+            .map_err(query_err(
+                "reading the replica identity of the published tables",
+            ))?;
+        for f in facts {
+            let key = format!("identity:{}", f.qualified());
+            if f.identity.allows_updates() || f.kind == relations::RelKind::Partitioned {
+                crate::telemetry::health().set_warning(&key, None);
+                continue;
+            }
+            if let Some((sql, _)) = safety::planned_fix(&f, self.settings.set_replica_identity) {
+                tracing::warn!(table = %f.qualified(), sql = %sql, "a published table has no replica identity; giving it one (set_replica_identity)");
+                publication::run_ddl(&self.client, &sql).await?;
+                crate::telemetry::health().set_warning(&key, None);
+                continue;
+            }
+            let why = format!(
+                "{} (published for the mapping of {}) has {}: PostgreSQL refuses the app's UPDATE and DELETE on it while it is published; run `ALTER TABLE {} REPLICA IDENTITY FULL;` (or give it a primary key), or set source.postgres.set_replica_identity",
+                f.qualified(),
+                owner.get(&f.oid).map_or("?", String::as_str),
+                f.identity.describe(),
+                f.sql_name()
+            );
+            if crate::telemetry::health().set_warning(&key, Some(why.clone())) {
+                tracing::error!(table = %f.qualified(), "{why}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts copying the queued children: once every transaction older
+    /// than their publication has ended, in a new snapshot.
+    async fn start_child_copy(&mut self) -> Result<(), PgError> {
+        let queue = std::mem::take(&mut self.child_queue);
+        children::wait_for_older_transactions(&self.client).await?;
+        let mut sources = Vec::new();
+        let mut names = Vec::new();
+        for c in &queue {
+            let Some(parent) = self.known.get(&c.parent).cloned() else {
+                continue;
+            };
+            let Some(oid) = self
+                .plans
+                .iter()
+                .find(|p| p.qualified == c.parent)
+                .map(|p| p.oid)
+            else {
+                continue;
+            };
+            sources.push(CopySource {
+                table: parent,
+                from: format!("ONLY {}", c.sql_name()),
+                origin_of: Some(oid),
+            });
+            names.push(c.qualified());
+        }
+        let at: Lsn = self
+            .client
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await
+            .map_err(query_err("reading the current WAL position"))?
+            .get::<_, String>(0)
+            .parse()
+            .unwrap_or(self.emitted);
+        let reader = SnapshotReader::begin_now(&self.settings.url, at, sources).await?;
+        self.child_copy = Some((reader, names));
+        Ok(())
     }
 
     /// What happened to the slot, for the log and the error.
@@ -715,7 +1020,7 @@ impl PgSource {
     }
 
     async fn relation(&mut self, body: pgoutput::RelationBody) -> Result<(), PgError> {
-        let qualified = format!("{}.{}", body.namespace, body.name);
+        let qualified = crate::event::pg_qualified(&body.namespace, &body.name);
         let known = self.known.get(&qualified).cloned();
         let mut columns = Vec::with_capacity(body.columns.len());
         for c in &body.columns {
@@ -731,6 +1036,15 @@ impl PgSource {
                 .as_ref()
                 .and_then(|k| k.columns.iter().find(|kc| kc.name == c.name))
                 .is_none_or(|kc| kc.nullable);
+            // The array dimensions from the catalog: the Relation message
+            // gives the type, which is the same for `int[]` and `int[][]`.
+            let ty = match known
+                .as_ref()
+                .and_then(|k| k.columns.iter().find(|kc| kc.name == c.name))
+            {
+                Some(kc) if catalog::same_but_dims(&kc.ty, &ty) => kc.ty.clone(),
+                _ => ty,
+            };
             columns.push(ColumnInfo {
                 name: c.name.clone(),
                 type_name,
@@ -751,16 +1065,45 @@ impl PgSource {
             name: body.name,
             columns,
         };
+        // A child of a mapped inheritance parent: published as the parent.
+        if known.is_none() {
+            if let Some(parent) = self.children.parent_of(&self.client, body.id).await? {
+                let parent_known = self.known.get(&parent.qualified).cloned();
+                let (view, projection) = self
+                    .children
+                    .view(&self.client, &parent, parent_known.as_ref(), &info)
+                    .await?;
+                let origin = Arc::new((info.schema.clone(), info.name.clone()));
+                self.relations.insert(
+                    body.id,
+                    children::Rel {
+                        table: view,
+                        parse_as: Arc::new(info),
+                        projection: Some(projection),
+                        origin: Some(origin),
+                    },
+                );
+                return Ok(());
+            }
+        }
         // Keep the same Arc while the table is unchanged, so mappers keep their plans.
         let arc = match known {
             Some(k) if *k == info => k,
             _ => Arc::new(info),
         };
-        self.relations.insert(body.id, arc);
+        self.relations.insert(
+            body.id,
+            children::Rel {
+                table: arc.clone(),
+                parse_as: arc,
+                projection: None,
+                origin: None,
+            },
+        );
         Ok(())
     }
 
-    fn table_of(&self, id: u32, lsn: Lsn) -> Result<Arc<TableInfo>, PgError> {
+    fn rel_of(&self, id: u32, lsn: Lsn) -> Result<children::Rel, PgError> {
         self.relations
             .get(&id)
             .cloned()
@@ -772,7 +1115,7 @@ impl PgSource {
 
     fn event(
         &mut self,
-        table: Arc<TableInfo>,
+        rel: &children::Rel,
         op: Op,
         before: Option<Row>,
         after: Option<Row>,
@@ -790,13 +1133,14 @@ impl PgSource {
         Ok(ChangeEvent {
             id: None,
             changed: None,
-            table,
+            table: rel.table.clone(),
             op,
             seq,
             meta: SourceMeta {
                 lsn,
                 xid: Some(txn.xid),
                 commit_time_micros: Some(txn.commit_time_micros),
+                relation: rel.origin.clone(),
             },
             before,
             after,
@@ -816,22 +1160,22 @@ impl PgSource {
         match msg {
             LogicalMessage::Relation(body) => self.relation(body).await?,
             LogicalMessage::Insert { relation_id, new } => {
-                let table = self.table_of(relation_id, lsn)?;
-                let after = tuple_row(&table, &new)?;
-                out.push(self.event(table, Op::Insert, None, Some(after), lsn)?);
+                let rel = self.rel_of(relation_id, lsn)?;
+                let after = rel_row(&rel, &new)?;
+                out.push(self.event(&rel, Op::Insert, None, Some(after), lsn)?);
             }
             LogicalMessage::Update {
                 relation_id,
                 old,
                 new,
             } => {
-                let table = self.table_of(relation_id, lsn)?;
+                let rel = self.rel_of(relation_id, lsn)?;
                 let (before, full) = match &old {
-                    Some(OldTuple::Key(t)) => (Some(tuple_row(&table, t)?), false),
-                    Some(OldTuple::Full(t)) => (Some(tuple_row(&table, t)?), true),
+                    Some(OldTuple::Key(t)) => (Some(rel_row(&rel, t)?), false),
+                    Some(OldTuple::Full(t)) => (Some(rel_row(&rel, t)?), true),
                     None => (None, false),
                 };
-                let mut after = tuple_row(&table, &new)?;
+                let mut after = rel_row(&rel, &new)?;
                 if full {
                     if let Some(b) = &before {
                         for (a, old) in after.iter_mut().zip(b) {
@@ -841,18 +1185,18 @@ impl PgSource {
                         }
                     }
                 }
-                out.push(self.event(table, Op::Update, before, Some(after), lsn)?);
+                out.push(self.event(&rel, Op::Update, before, Some(after), lsn)?);
             }
             LogicalMessage::Delete { relation_id, old } => {
-                let table = self.table_of(relation_id, lsn)?;
+                let rel = self.rel_of(relation_id, lsn)?;
                 let (OldTuple::Key(t) | OldTuple::Full(t)) = &old;
-                let before = tuple_row(&table, t)?;
-                out.push(self.event(table, Op::Delete, Some(before), None, lsn)?);
+                let before = rel_row(&rel, t)?;
+                out.push(self.event(&rel, Op::Delete, Some(before), None, lsn)?);
             }
             LogicalMessage::Truncate { relation_ids, .. } => {
                 for id in relation_ids {
-                    let table = self.table_of(id, lsn)?;
-                    out.push(self.event(table, Op::Truncate, None, None, lsn)?);
+                    let rel = self.rel_of(id, lsn)?;
+                    out.push(self.event(&rel, Op::Truncate, None, None, lsn)?);
                 }
             }
             LogicalMessage::Begin { .. }
@@ -863,6 +1207,19 @@ impl PgSource {
         }
         Ok(())
     }
+}
+
+/// A tuple as a row of the table its events name (projected from a child
+/// onto its parent's columns).
+fn rel_row(rel: &children::Rel, tuple: &TupleData) -> Result<Row, PgError> {
+    let row = tuple_row(&rel.parse_as, tuple)?;
+    Ok(match &rel.projection {
+        None => row,
+        Some(p) => p
+            .iter()
+            .map(|&i| row.get(i).cloned().unwrap_or(Value::Null))
+            .collect(),
+    })
 }
 
 /// Parses a tuple's values by the table's column types.
@@ -915,6 +1272,14 @@ impl Source for PgSource {
         max_events: usize,
         max_wait: Duration,
     ) -> Result<SourceBatch<Position>, PgError> {
+        if self.txn.is_none() {
+            if let Some(events) = self.next_child_rows(max_events).await? {
+                return Ok(SourceBatch {
+                    events,
+                    position: None,
+                });
+            }
+        }
         let mut batch = SourceBatch::default();
         let idle_wait = Duration::from_millis(200).max(max_wait);
         let mut deadline: Option<tokio::time::Instant> = None;
@@ -967,6 +1332,7 @@ impl Source for PgSource {
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     self.txn = None;
                     batch.position = Some(Position(Lsn(end_lsn.as_u64())));
+                    self.emitted = self.emitted.max(Lsn(end_lsn.as_u64()));
                     if deadline.is_none() {
                         deadline = Some(tokio::time::Instant::now() + max_wait);
                     }
@@ -983,6 +1349,7 @@ impl Source for PgSource {
                         let pos = Position(end);
                         if batch.position.is_none_or(|p| p < pos) {
                             batch.position = Some(pos);
+                            self.emitted = self.emitted.max(end);
                         }
                         if deadline.is_none() {
                             deadline = Some(tokio::time::Instant::now() + max_wait);
@@ -999,6 +1366,17 @@ impl Source for PgSource {
     }
 
     fn ack(&mut self, position: Position) -> Result<(), PgError> {
+        if self.copies_done.iter().any(|(mark, _)| position.0 > *mark) {
+            let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.copies_done)
+                .into_iter()
+                .partition(|(mark, _)| position.0 > *mark);
+            self.copies_done = rest;
+            for (_, names) in done {
+                tracing::info!(tables = %names.join(", "), "copy of new inheritance children delivered");
+                self.state.pending_children.retain(|c| !names.contains(c));
+            }
+            self.store.commit(&self.state)?;
+        }
         if let Some(repl) = &self.repl {
             repl.update_applied_lsn(position.0 .0.into());
         }

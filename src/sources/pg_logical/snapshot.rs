@@ -2,6 +2,12 @@
 //! snapshot, so it shows the database exactly at the slot's consistent
 //! point. Rows come out of `COPY ... TO STDOUT` (text format) and are parsed
 //! by the same code as streamed values.
+//!
+//! A partitioned table is copied through its root (`SELECT ... FROM root`
+//! reads every partition once); an inheritance parent through itself too,
+//! which reads its children's rows as well, with `tableoid` to say which
+//! table each row lives in. The same reader copies an inheritance child
+//! created while streaming ([`SnapshotReader::begin_now`]).
 
 use std::io::IsTerminal;
 use std::sync::Arc;
@@ -11,9 +17,24 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio_postgres::{Client, CopyOutStream};
 
+use std::collections::HashMap;
+
 use super::catalog::quote_ident;
 use super::{connect_plain, parse_column, query_err, values, PgError};
 use crate::event::{ChangeEvent, Lsn, Op, SeqKey, SourceMeta, TableInfo, Value};
+
+/// One relation to copy: what its rows are published as, and where they
+/// are read from.
+#[derive(Clone, Debug)]
+pub struct CopySource {
+    /// The mapped table (its name and columns are the events').
+    pub table: Arc<TableInfo>,
+    /// The SQL relation to read: `"s"."t"`, or `ONLY "s"."t"`.
+    pub from: String,
+    /// Read `tableoid` with each row, to name the inheritance child it
+    /// lives in when that is not `oid`.
+    pub origin_of: Option<u32>,
+}
 
 /// How often progress is logged.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -22,7 +43,9 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 pub struct SnapshotReader {
     client: Client,
     consistent_point: Lsn,
-    tables: Vec<Arc<TableInfo>>,
+    tables: Vec<CopySource>,
+    /// (schema, name) of the relations rows came from, by OID.
+    origins: HashMap<u32, Option<Arc<(String, String)>>>,
     next_table: usize,
     current: Option<Current>,
     ordinal: u64,
@@ -32,6 +55,7 @@ pub struct SnapshotReader {
 
 struct Current {
     table: Arc<TableInfo>,
+    origin_of: Option<u32>,
     /// A progress bar when stderr is a terminal; log lines otherwise.
     bar: Option<indicatif::ProgressBar>,
     stream: std::pin::Pin<Box<CopyOutStream>>,
@@ -48,7 +72,7 @@ impl SnapshotReader {
         url: &str,
         snapshot_name: &str,
         consistent_point: Lsn,
-        tables: Vec<Arc<TableInfo>>,
+        tables: Vec<CopySource>,
     ) -> Result<Self, PgError> {
         let client = connect_plain(url).await?;
         client
@@ -59,16 +83,32 @@ impl SnapshotReader {
             .await
             .map_err(query_err("importing the slot's exported snapshot"))?;
         tracing::info!(tables = tables.len(), consistent_point = %consistent_point, "initial snapshot started");
-        Ok(SnapshotReader {
+        Ok(Self::with(client, consistent_point, tables))
+    }
+
+    /// Copies `tables` as they are now, in one `REPEATABLE READ`
+    /// transaction; `at` orders the rows (the WAL position of the copy).
+    pub async fn begin_now(url: &str, at: Lsn, tables: Vec<CopySource>) -> Result<Self, PgError> {
+        let client = connect_plain(url).await?;
+        client
+            .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            .await
+            .map_err(query_err("starting a copy"))?;
+        Ok(Self::with(client, at, tables))
+    }
+
+    fn with(client: Client, consistent_point: Lsn, tables: Vec<CopySource>) -> Self {
+        SnapshotReader {
             client,
             consistent_point,
             tables,
+            origins: HashMap::new(),
             next_table: 0,
             current: None,
             ordinal: 0,
             total_rows: 0,
             started: Instant::now(),
-        })
+        }
     }
 
     /// Rows copied so far.
@@ -77,21 +117,26 @@ impl SnapshotReader {
     }
 
     async fn open_next(&mut self) -> Result<bool, PgError> {
-        let Some(table) = self.tables.get(self.next_table).cloned() else {
+        let Some(CopySource {
+            table,
+            from,
+            origin_of,
+        }) = self.tables.get(self.next_table).cloned()
+        else {
             return Ok(false);
         };
         self.next_table += 1;
-        let name = format!(
-            "{}.{}",
-            quote_ident(&table.schema),
-            quote_ident(&table.name)
-        );
+        let relation = from.trim_start_matches("ONLY ").to_string();
+        // A partitioned table or an inheritance parent: the sum over the
+        // tables below it (reltuples is -1 for a table never analyzed).
         let estimate: f32 = self
             .client
             .query_one(
                 &format!(
-                    "SELECT reltuples FROM pg_class WHERE oid = '{}'::regclass",
-                    name.replace('\'', "''")
+                    "WITH RECURSIVE d(oid) AS (SELECT '{rel}'::regclass::oid UNION SELECT i.inhrelid FROM pg_inherits i JOIN d ON i.inhparent = d.oid{only})
+                     SELECT COALESCE(sum(greatest(c.reltuples, 0)), 0)::float4 FROM pg_class c JOIN d ON c.oid = d.oid",
+                    rel = relation.replace('\'', "''"),
+                    only = if from.starts_with("ONLY ") { " WHERE false" } else { "" },
                 ),
                 &[],
             )
@@ -101,15 +146,18 @@ impl SnapshotReader {
                 table.qualified()
             )))?
             .get(0);
-        let cols = table
+        let mut cols = table
             .columns
             .iter()
             .map(|c| quote_ident(&c.name))
-            .collect::<Vec<_>>()
-            .join(", ");
+            .collect::<Vec<_>>();
+        if origin_of.is_some() {
+            cols.insert(0, "tableoid::int8".into());
+        }
+        let cols = cols.join(", ");
         let stream = self
             .client
-            .copy_out(&format!("COPY (SELECT {cols} FROM {name}) TO STDOUT"))
+            .copy_out(&format!("COPY (SELECT {cols} FROM {from}) TO STDOUT"))
             .await
             .map_err(query_err(format!("copying {}", table.qualified())))?;
         tracing::info!(table = %table.qualified(), estimated_rows = estimate.max(0.0) as u64, "copying table");
@@ -128,6 +176,7 @@ impl SnapshotReader {
         self.current = Some(Current {
             bar,
             table,
+            origin_of,
             stream: Box::pin(stream),
             carry: Vec::new(),
             rows: 0,
@@ -153,7 +202,13 @@ impl SnapshotReader {
                 Some(Ok(chunk)) => {
                     let lines = split_lines(&mut cur.carry, &chunk);
                     for line in lines {
-                        let row = parse_line(&cur.table, &line)?;
+                        let (row, origin) = parse_line(&cur.table, &line, cur.origin_of.is_some())?;
+                        let relation = match (origin, cur.origin_of) {
+                            (Some(oid), Some(main)) if oid != main => {
+                                origin_name(&self.client, &mut self.origins, oid).await?
+                            }
+                            _ => None,
+                        };
                         out.push(ChangeEvent {
                             id: None,
                             changed: None,
@@ -167,6 +222,7 @@ impl SnapshotReader {
                                 lsn: self.consistent_point,
                                 xid: None,
                                 commit_time_micros: None,
+                                relation,
                             },
                             before: None,
                             after: Some(row),
@@ -246,12 +302,44 @@ fn split_lines(carry: &mut Vec<u8>, chunk: &Bytes) -> Vec<Vec<u8>> {
     lines
 }
 
-fn parse_line(table: &TableInfo, line: &[u8]) -> Result<Vec<Value>, PgError> {
-    let fields = values::split_copy_line(line).map_err(|e| PgError::Value {
+/// (schema, name) of the relation with `oid`, cached.
+async fn origin_name(
+    client: &Client,
+    cache: &mut HashMap<u32, Option<Arc<(String, String)>>>,
+    oid: u32,
+) -> Result<Option<Arc<(String, String)>>, PgError> {
+    if let Some(hit) = cache.get(&oid) {
+        return Ok(hit.clone());
+    }
+    let row = client
+        .query_opt(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1::int8::oid",
+            &[&i64::from(oid)],
+        )
+        .await
+        .map_err(query_err("naming an inheritance child"))?;
+    let name = row.map(|r| Arc::new((r.get::<_, String>(0), r.get::<_, String>(1))));
+    cache.insert(oid, name.clone());
+    Ok(name)
+}
+
+/// One COPY line as a row; with `with_origin`, the line starts with the
+/// row's `tableoid`, returned apart.
+fn parse_line(
+    table: &TableInfo,
+    line: &[u8],
+    with_origin: bool,
+) -> Result<(Vec<Value>, Option<u32>), PgError> {
+    let mut fields = values::split_copy_line(line).map_err(|e| PgError::Value {
         table: table.qualified(),
         column: "*".into(),
         reason: e.to_string(),
     })?;
+    let origin = if with_origin && !fields.is_empty() {
+        fields.remove(0).and_then(|t| t.parse::<u32>().ok())
+    } else {
+        None
+    };
     if fields.len() != table.columns.len() {
         return Err(PgError::Value {
             table: table.qualified(),
@@ -263,15 +351,16 @@ fn parse_line(table: &TableInfo, line: &[u8]) -> Result<Vec<Value>, PgError> {
             ),
         });
     }
-    table
+    let row = table
         .columns
         .iter()
         .zip(fields)
         .map(|(col, f)| match f {
-            None => Ok(Value::Null),
-            Some(text) => Ok(parse_column(col, text.as_bytes())),
+            None => Value::Null,
+            Some(text) => parse_column(col, text.as_bytes()),
         })
-        .collect()
+        .collect();
+    Ok((row, origin))
 }
 
 #[cfg(test)]

@@ -14,7 +14,11 @@
 //! that names the type and the text, not a guess.
 //!
 //! Temporal values become integers in Avro's units (see [`Value`]);
-//! `infinity` timestamps and dates have no such integer and are rejected.
+//! `infinity` and `-infinity` become the largest and smallest integer of
+//! the type (`i64::MAX`/`i64::MIN` microseconds, `i32::MAX`/`i32::MIN`
+//! days), as Debezium publishes them, so such rows are published, not
+//! refused. Composite values, `hstore` and PostGIS geometries are read by
+//! [`super::composite`].
 
 use std::borrow::Cow;
 
@@ -46,16 +50,6 @@ pub enum ValueError {
         /// What is wrong with it.
         reason: String,
     },
-    /// An `infinity` or `-infinity` timestamp or date.
-    #[error("{ty} value '{text}' is infinite and cannot be published as an Avro {avro_type}")]
-    Infinite {
-        /// The column type.
-        ty: String,
-        /// `infinity` or `-infinity`.
-        text: String,
-        /// The Avro logical type it would have needed (`timestamp`, `date`).
-        avro_type: &'static str,
-    },
     /// A line of `COPY` text output could not be split into fields.
     #[error("malformed COPY text line: field {field} at byte {offset}: {reason}")]
     CopyLine {
@@ -77,15 +71,6 @@ impl ValueError {
                 format!(
                     "invalid {ty} value ({} characters): {reason}",
                     text.chars().count()
-                )
-            }
-            ValueError::Infinite {
-                ty,
-                text,
-                avro_type,
-            } => {
-                format!(
-                    "{ty} value {text} is infinite and cannot be published as an Avro {avro_type}"
                 )
             }
             other => other.to_string(),
@@ -114,14 +99,9 @@ type Reason = Cow<'static, str>;
 ///
 /// [`ValueError::Invalid`] when `text` is not a value of `ty` as Postgres
 /// prints it (out-of-range integers, impossible dates, malformed arrays, a
-/// label that is not in the enum, ...), and [`ValueError::Infinite`] for
-/// `infinity`/`-infinity` timestamps and dates.
+/// label that is not in the enum, an array with the wrong number of
+/// dimensions, ...).
 pub fn parse_text(ty: &ColumnType, text: &str) -> Result<Value, ValueError> {
-    let infinite = |avro_type| ValueError::Infinite {
-        ty: type_name(ty),
-        text: text.to_owned(),
-        avro_type,
-    };
     let parsed: Result<Value, Reason> = match ty {
         ColumnType::Bool => match text {
             "t" => Ok(Value::Bool(true)),
@@ -139,19 +119,23 @@ pub fn parse_text(ty: &ColumnType, text: &str) -> Result<Value, ValueError> {
         ColumnType::Text
         | ColumnType::TextLike
         | ColumnType::ObjectId
-        | ColumnType::Record(_)
         | ColumnType::Unsupported(_) => Ok(Value::Text(text.to_owned())),
+        ColumnType::Record(fields) => super::composite::parse_composite(fields, text),
+        ColumnType::Hstore => super::composite::hstore_json(text).map(Value::Json),
+        ColumnType::Geometry => super::composite::ewkb(text).map(Value::Bytes),
         ColumnType::Json => Ok(Value::Json(text.to_owned())),
         ColumnType::Bytes => parse_bytea(text).map(Value::Bytes),
         ColumnType::LocalTimestamp | ColumnType::Timestamp | ColumnType::Date
             if is_infinity(text) =>
         {
-            let avro_type = if *ty == ColumnType::Date {
-                "date"
-            } else {
-                "timestamp"
-            };
-            return Err(infinite(avro_type));
+            let positive = text == "infinity";
+            Ok(match ty {
+                ColumnType::Date => Value::Date(if positive { i32::MAX } else { i32::MIN }),
+                ColumnType::Timestamp => {
+                    Value::TimestampMicros(if positive { i64::MAX } else { i64::MIN })
+                }
+                _ => Value::LocalTimestampMicros(if positive { i64::MAX } else { i64::MIN }),
+            })
         }
         ColumnType::LocalTimestamp => parse_timestamp(text, false).map(Value::LocalTimestampMicros),
         ColumnType::Timestamp => parse_timestamp(text, true).map(Value::TimestampMicros),
@@ -165,9 +149,49 @@ pub fn parse_text(ty: &ColumnType, text: &str) -> Result<Value, ValueError> {
                 Err(not_a_label(labels).into())
             }
         }
-        ColumnType::Array(elem) => ArrayParser::new(elem, text).parse(),
+        ColumnType::Array(_) => {
+            let (leaf, dims) = array_leaf(ty);
+            ArrayParser::new(leaf, text)
+                .parse()
+                .and_then(|v| check_dims(v, dims))
+        }
     };
     parsed.map_err(|reason| ValueError::invalid(ty, text, reason))
+}
+
+/// The element type below every array level, and the number of levels.
+fn array_leaf(ty: &ColumnType) -> (&ColumnType, usize) {
+    let mut t = ty;
+    let mut dims = 0;
+    while let ColumnType::Array(inner) = t {
+        t = inner;
+        dims += 1;
+    }
+    (t, dims)
+}
+
+/// A parsed array must have the column's number of dimensions (from
+/// `pg_attribute.attndims`; PostgreSQL does not enforce it), since the
+/// published Avro type nests that many arrays. An empty array fits any.
+fn check_dims(v: Value, dims: usize) -> Result<Value, Reason> {
+    let mut depth = 0;
+    let mut cur = &v;
+    while let Value::Array(items) = cur {
+        depth += 1;
+        match items.iter().find(|i| !matches!(i, Value::Null)) {
+            Some(first) => cur = first,
+            None => return Ok(v),
+        }
+    }
+    if depth == dims {
+        Ok(v)
+    } else {
+        Err(format!(
+            "has {depth} dimension(s), but the column is declared with {dims}; publish it as text (`type: string`), or declare the column with {depth} (`{}[]`)",
+            "[]".repeat(depth.saturating_sub(1))
+        )
+        .into())
+    }
 }
 
 /// Like [`parse_text`], for text that arrives as bytes (a pgoutput
@@ -302,7 +326,9 @@ fn type_name(ty: &ColumnType) -> String {
         ColumnType::TextLike => "text-like",
         ColumnType::Array(elem) => return format!("{}[]", type_name(elem)),
         ColumnType::ObjectId => "objectId",
-        ColumnType::Record(_) => "document",
+        ColumnType::Record(_) => "composite",
+        ColumnType::Hstore => "hstore",
+        ColumnType::Geometry => "geometry",
         ColumnType::Unsupported(name) => return name.clone(),
     };
     name.to_owned()
@@ -1077,27 +1103,40 @@ mod tests {
     }
 
     #[test]
-    fn infinite_timestamps_and_dates_are_errors() {
-        for (ty, avro) in [
-            (ColumnType::Timestamp, "timestamp"),
-            (ColumnType::LocalTimestamp, "timestamp"),
-            (ColumnType::Date, "date"),
-        ] {
-            for text in ["infinity", "-infinity"] {
-                assert_eq!(
-                    err(&ty, text),
-                    ValueError::Infinite {
-                        ty: type_name(&ty),
-                        text: text.to_owned(),
-                        avro_type: avro,
-                    }
-                );
-            }
-        }
+    fn infinite_timestamps_and_dates_are_the_extremes() {
         assert_eq!(
-            err(&ColumnType::Timestamp, "infinity").to_string(),
-            "timestamptz value 'infinity' is infinite and cannot be published as an Avro timestamp"
+            ok(&ColumnType::Timestamp, "infinity"),
+            Value::TimestampMicros(i64::MAX)
         );
+        assert_eq!(
+            ok(&ColumnType::Timestamp, "-infinity"),
+            Value::TimestampMicros(i64::MIN)
+        );
+        assert_eq!(
+            ok(&ColumnType::LocalTimestamp, "infinity"),
+            Value::LocalTimestampMicros(i64::MAX)
+        );
+        assert_eq!(ok(&ColumnType::Date, "infinity"), Value::Date(i32::MAX));
+        assert_eq!(ok(&ColumnType::Date, "-infinity"), Value::Date(i32::MIN));
+    }
+
+    #[test]
+    fn arrays_have_the_declared_dimensions() {
+        let two = arr(arr(ColumnType::Int32));
+        assert_eq!(
+            ok(&two, "{{1,2},{3,NULL}}"),
+            Value::Array(vec![
+                Value::Array(vec![Value::Int(1), Value::Int(2)]),
+                Value::Array(vec![Value::Int(3), Value::Null]),
+            ])
+        );
+        assert_eq!(ok(&two, "{}"), Value::Array(vec![]));
+        assert!(err(&two, "{1,2}")
+            .to_string()
+            .contains("has 1 dimension(s), but the column is declared with 2"));
+        assert!(err(&arr(ColumnType::Int32), "{{1},{2}}")
+            .to_string()
+            .contains("`type: string`"));
     }
 
     #[test]
@@ -1290,14 +1329,16 @@ mod tests {
 
     #[test]
     fn nested_arrays_and_bounds() {
+        let dims = |n: usize, leaf: ColumnType| (0..n).fold(leaf, |t, _| arr(t));
         let ints = arr(ColumnType::Int64);
+        let ints2 = dims(2, ColumnType::Int64);
         let row = |a, b| Value::Array(vec![Value::Int(a), Value::Int(b)]);
         assert_eq!(
-            ok(&ints, "{{1,2},{3,4}}"),
+            ok(&ints2, "{{1,2},{3,4}}"),
             Value::Array(vec![row(1, 2), row(3, 4)])
         );
         assert_eq!(
-            ok(&ints, "[0:1][1:2]={{1,2},{3,4}}"),
+            ok(&ints2, "[0:1][1:2]={{1,2},{3,4}}"),
             Value::Array(vec![row(1, 2), row(3, 4)])
         );
         assert_eq!(
@@ -1305,14 +1346,14 @@ mod tests {
             Value::Array(vec![Value::Int(1), Value::Int(2), Value::Int(3)])
         );
         assert_eq!(
-            ok(&ints, "{{{1}}}"),
+            ok(&dims(3, ColumnType::Int64), "{{{1}}}"),
             Value::Array(vec![Value::Array(vec![Value::Array(vec![Value::Int(1)])])])
         );
-        ok(&ints, "{{{{{{1}}}}}}");
+        ok(&dims(6, ColumnType::Int64), "{{{{{{1}}}}}}");
         assert!(err(&ints, "{{{{{{{1}}}}}}}")
             .to_string()
             .contains("more than 6 dimensions"));
-        let texts = arr(ColumnType::Text);
+        let texts = dims(2, ColumnType::Text);
         assert_eq!(
             ok(&texts, r#"{{"a",NULL},{"{",c}}"#),
             Value::Array(vec![
@@ -1369,9 +1410,10 @@ mod tests {
             "invalid smallint[] value '{1,40000}': element at byte 3: \
              invalid smallint value '40000': out of range (-32768..=32767)"
         );
-        assert!(err(&arr(ColumnType::Date), "{2024-01-01,infinity}")
-            .to_string()
-            .contains("is infinite"));
+        assert_eq!(
+            ok(&arr(ColumnType::Date), "{2024-01-01,infinity}"),
+            Value::Array(vec![Value::Date(19723), Value::Date(i32::MAX)])
+        );
     }
 
     #[test]
