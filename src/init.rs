@@ -93,6 +93,18 @@ fn file_name(qualified: &str) -> String {
     format!("{clean}.yaml")
 }
 
+/// The first clause of the first problem, without the table's own name in
+/// front: `has no primary key and no replica identity`.
+fn short_reason(q: &str, why: &str) -> String {
+    let first = why.lines().next().unwrap_or_default();
+    let clause = first.split(": ").next().unwrap_or(first);
+    let clause = clause.split(". ").next().unwrap_or(clause);
+    clause
+        .strip_prefix(&format!("{q} "))
+        .unwrap_or(clause)
+        .to_string()
+}
+
 /// YAML single-quoted scalar.
 fn yaml_str(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
@@ -199,12 +211,14 @@ pub async fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
                 report.ready.push(q);
             }
             Some(why) => {
-                let first = why.lines().next().unwrap_or_default().to_string();
+                let short = short_reason(&q, &why);
                 listed.push(format!(
-                    "  # - {}   # needs a decision: {first}\n",
+                    "  # - {}   # needs a decision: {short}\n",
                     yaml_str(&rel_path)
                 ));
-                report.pending.push((q, why));
+                report
+                    .pending
+                    .push((q, format!("{short} (the ways out: {rel_path})")));
             }
         }
     }
@@ -249,6 +263,7 @@ fn mapping_for(
     let mut needs: Vec<String> = Vec::new();
     let mut key_line = String::new();
     let mut drops: Vec<String> = Vec::new();
+    let mut no_key = false;
     let kind_ok = matches!(rel.main.kind, RelKind::Table | RelKind::Partitioned);
     if let Some(t) = table.filter(|_| kind_ok) {
         for col in &t.columns {
@@ -265,12 +280,10 @@ fn mapping_for(
             (Identity::Index(i), _) => Some(i.columns.clone()),
             (_, Some(i)) => Some(i.columns.clone()),
             _ => {
-                if rel.main.kind == RelKind::Partitioned {
-                    None
-                } else {
-                    needs.push("no primary key and no unique index on NOT NULL columns: name the entity key (`key: [...]`), give the table a replica identity, or set `insert_only: true` if the app only inserts into it".into());
-                    None
+                if rel.main.kind != RelKind::Partitioned {
+                    no_key = true;
                 }
+                None
             }
         };
         if let Some(k) = key {
@@ -319,6 +332,11 @@ fn mapping_for(
                 }
             }
         }
+    }
+    // A table `check` would take but for its key (REPLICA IDENTITY FULL
+    // without a primary key or unique index).
+    if needs.is_empty() && no_key {
+        needs.push(format!("{q} has no primary key and no unique index on NOT NULL columns: name the entity key (`key: [...]`)"));
     }
     if needs.is_empty() {
         (text, None)
@@ -419,5 +437,13 @@ mod tests {
         );
         assert_eq!(table_text("my.schema", "t"), "\"my.schema\".t");
         assert_eq!(yaml_str("it's"), "'it''s'");
+        assert_eq!(
+            short_reason("public.a", "public.a is an UNLOGGED table: its changes. More"),
+            "is an UNLOGGED table"
+        );
+        assert_eq!(
+            short_reason("public.m", "public.m_1 has no primary key: x"),
+            "public.m_1 has no primary key"
+        );
     }
 }

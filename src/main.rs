@@ -612,6 +612,26 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         ),
         None => (None, None, None, None, None),
     };
+    // Published tables whose app UPDATE and DELETE PostgreSQL now refuses
+    // (a replica identity lost, a new partition without one).
+    let no_identity: Vec<String> = client
+        .query(
+            "WITH p AS (SELECT oid FROM pg_publication WHERE pubname = $1 AND (pubupdate OR pubdelete)),
+                  rels AS (SELECT r.prrelid AS oid FROM pg_publication_rel r JOIN p ON r.prpubid = p.oid),
+                  leaves AS (SELECT t.relid AS oid FROM rels, pg_partition_tree(rels.oid) t WHERE t.isleaf)
+             SELECT DISTINCT format('%s.%s', n.nspname, c.relname)
+             FROM leaves l JOIN pg_class c ON c.oid = l.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r' AND (c.relreplident = 'n'
+                OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+                OR (c.relreplident = 'i' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
+             ORDER BY 1",
+            &[&cfg.publication()],
+        )
+        .await
+        .context("reading the replica identities of the published tables")?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
     let topics = topics(&cfg).await?;
     let snapshot_complete = state.snapshot_complete && state.slot == slot;
     if json {
@@ -627,6 +647,7 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
             "snapshot_complete": snapshot_complete,
             "delivered_lsn": state.delivered_lsn,
             "last_error": state.last_error,
+            "tables_without_replica_identity": no_identity,
             "topics": topics,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -650,6 +671,17 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         ("lag", show(lag.map(|b| format!("{b} bytes")))),
         ("snapshot complete", snapshot_complete.to_string()),
         ("last error", show(state.last_error.clone())),
+        (
+            "app writes",
+            if no_identity.is_empty() {
+                "ok: every published table has a replica identity".to_string()
+            } else {
+                format!(
+                    "FAILING: PostgreSQL refuses the app's UPDATE and DELETE on {} (published without a replica identity); run ALTER TABLE ... REPLICA IDENTITY FULL on each, or give it a primary key",
+                    no_identity.join(", ")
+                )
+            },
+        ),
     ];
     print_status(&lines, &topics);
     Ok(())

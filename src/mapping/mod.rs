@@ -106,6 +106,12 @@ impl MappingError {
     }
 }
 
+/// How many tables' schemas are checked and registered at once at start.
+pub const REGISTER_CONCURRENCY: usize = 8;
+
+/// After the dedup id of a key-changing update, for the delete of its old key.
+pub const OLD_KEY_SUFFIX: &str = "/old-key";
+
 /// The id that is the same whenever the same change is delivered again:
 /// `pg/<database>/<commit LSN>/<ordinal>` (`s<ordinal>` for snapshot rows).
 pub fn dedup_id(ev: &ChangeEvent) -> String {
@@ -285,18 +291,29 @@ impl Mapper {
     /// Checks every derived schema against the registry and, unless
     /// `dry_run`, registers it. A dry run only needs each schema to be
     /// compatible; it writes nothing. Returns (subject, id or None) pairs.
+    ///
+    /// Up to [`REGISTER_CONCURRENCY`] tables at a time, so that a pipeline
+    /// of hundreds of tables starts in seconds; the answer is in table order,
+    /// and the first refusal (in table order) is the error.
     pub async fn register(
         &mut self,
         registry: &RegistryClient,
         dry_run: bool,
     ) -> Result<Vec<(String, Option<u32>)>, MappingError> {
+        use futures::StreamExt;
+        let mut rules: Vec<(&String, &mut TableRule)> = self.rules.iter_mut().collect();
+        rules.sort_by(|a, b| a.0.cmp(b.0));
+        let mut results: Vec<(usize, Result<Vec<(String, Option<u32>)>, MappingError>)> =
+            futures::stream::iter(rules.into_iter().enumerate().map(|(i, (_, rule))| async move {
+                (i, register_rule(rule, registry, dry_run).await)
+            }))
+            .buffer_unordered(REGISTER_CONCURRENCY)
+            .collect()
+            .await;
+        results.sort_by_key(|(i, _)| *i);
         let mut out = Vec::new();
-        let mut names: Vec<String> = self.rules.keys().cloned().collect();
-        names.sort();
-        for name in names {
-            if let Some(rule) = self.rules.get_mut(&name) {
-                out.extend(register_rule(rule, registry, dry_run).await?);
-            }
+        for (_, r) in results {
+            out.extend(r?);
         }
         Ok(out)
     }
@@ -358,12 +375,62 @@ impl Mapper {
     /// (see [`debezium`]). They are published only when the domain event
     /// is, so a truncate reaches the Debezium topic only when the mapping
     /// names a truncate event.
+    ///
+    /// An update that changes the entity key is published as two changes:
+    /// a delete of the old key (dedup id with [`OLD_KEY_SUFFIX`]), then the
+    /// update under the new key, so that a topic compacted by key (and a
+    /// consumer folding it) keeps no row under the old key.
     pub fn map_into(
         &mut self,
         ev: &ChangeEvent,
         out: &mut Vec<DomainEvent>,
     ) -> Result<usize, MappingError> {
-        let Some(d) = self.map(ev)? else {
+        if ev.op == Op::Update && self.key_changed(ev)? {
+            let old = ChangeEvent {
+                op: Op::Delete,
+                after: None,
+                ..ev.clone()
+            };
+            let n = self.map_one_into(&old, OLD_KEY_SUFFIX, out)?;
+            return Ok(n + self.map_one_into(ev, "", out)?);
+        }
+        self.map_one_into(ev, "", out)
+    }
+
+    /// Whether an update's old row names another entity key than its new row.
+    fn key_changed(&mut self, ev: &ChangeEvent) -> Result<bool, MappingError> {
+        let (Some(before), Some(after)) = (&ev.before, &ev.after) else {
+            return Ok(false);
+        };
+        let Some(rule) = self.rules.get_mut(&ev.table.qualified()) else {
+            return Ok(false);
+        };
+        if !rule
+            .positions
+            .as_ref()
+            .is_some_and(|p| Arc::ptr_eq(&p.table, &ev.table))
+        {
+            rule.positions = Some(positions(rule, &ev.table)?);
+        }
+        let Some(pos) = rule.positions.as_ref() else {
+            return Ok(false);
+        };
+        Ok(pos
+            .key
+            .iter()
+            .any(|&i| match (before.get(i), after.get(i)) {
+                (Some(Value::Null | Value::Unchanged) | None, _) | (_, None) => false,
+                (Some(b), Some(a)) => render_text(b) != render_text(a),
+            }))
+    }
+
+    fn map_one_into(
+        &mut self,
+        ev: &ChangeEvent,
+        dedup_suffix: &str,
+        out: &mut Vec<DomainEvent>,
+    ) -> Result<usize, MappingError> {
+        let Some(d) = self.map_as(ev, dedup_suffix)? else {
             return Ok(0);
         };
         let start = out.len();
@@ -388,6 +455,15 @@ impl Mapper {
     /// Maps one change. `Ok(None)` when the table is not mapped or the
     /// operation is not published (truncate without an event name).
     pub fn map(&mut self, ev: &ChangeEvent) -> Result<Option<DomainEvent>, MappingError> {
+        self.map_as(ev, "")
+    }
+
+    /// [`Self::map`], with `dedup_suffix` after the dedup id.
+    fn map_as(
+        &mut self,
+        ev: &ChangeEvent,
+        dedup_suffix: &str,
+    ) -> Result<Option<DomainEvent>, MappingError> {
         let qualified = ev.table.qualified();
         let Some(rule) = self.rules.get_mut(&qualified) else {
             return Ok(None);
@@ -437,7 +513,8 @@ impl Mapper {
             }
         };
 
-        let dedup_id = dedup_id(ev);
+        let mut dedup_id = dedup_id(ev);
+        dedup_id.push_str(dedup_suffix);
 
         let mut buf = Vec::with_capacity(128);
         buf.push(0);

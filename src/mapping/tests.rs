@@ -326,3 +326,28 @@ fn derived_schema_is_stable() {
     assert_eq!(a, b);
     assert_eq!(a[0].0, "legacy.users-value");
 }
+
+#[test]
+fn an_update_that_changes_the_key_deletes_the_old_key_first() {
+    let mut m = mapper(YAML).unwrap();
+    m.rules.get_mut("public.users").unwrap().schema_id = Some(1);
+    let mut old_key = vec![Value::Null; 8];
+    old_key[0] = Value::Int(41);
+    let mut out = Vec::new();
+    let n = m
+        .map_into(&event(Op::Update, Some(old_key), Some(row())), &mut out)
+        .unwrap();
+    assert_eq!(n, 2);
+    assert_eq!(out[0].key.as_deref(), Some(&b"41"[..]));
+    assert_eq!(&*out[0].event_type, "UserDeleted");
+    assert!(out[0].dedup_id.ends_with(OLD_KEY_SUFFIX), "{}", out[0].dedup_id);
+    assert_eq!(out[1].key.as_deref(), Some(&b"42"[..]));
+    assert_eq!(&*out[1].event_type, "UserUpdated");
+    assert_eq!(out[1].dedup_id, dedup_id(&event(Op::Update, None, None)));
+    // The same key (REPLICA IDENTITY FULL sends the old row on every update): one event.
+    out.clear();
+    let n = m
+        .map_into(&event(Op::Update, Some(row()), Some(row())), &mut out)
+        .unwrap();
+    assert_eq!(n, 1);
+}
