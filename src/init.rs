@@ -438,7 +438,10 @@ mod tests {
         assert_eq!(table_text("my.schema", "t"), "\"my.schema\".t");
         assert_eq!(yaml_str("it's"), "'it''s'");
         assert_eq!(
-            short_reason("public.a", "public.a is an UNLOGGED table: its changes. More"),
+            short_reason(
+                "public.a",
+                "public.a is an UNLOGGED table: its changes. More"
+            ),
             "is an UNLOGGED table"
         );
         assert_eq!(

@@ -871,6 +871,33 @@ async fn what_would_publish_nothing_is_refused_with_the_sql() {
         logs,
         [("insert".to_string(), "2".to_string(), "logs".to_string())]
     );
+    // A partition mapped on its own is published under its own name.
+    let leaf_topic = format!("it.leaf.{s}");
+    let fx = Fixture::new(
+        &stack,
+        &db,
+        &[("eu.yaml", mapping("orders_eu", &leaf_topic, ""))],
+        "",
+    );
+    let run = Running::start(&fx);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute("INSERT INTO orders VALUES (7, 'eu'); UPDATE orders_eu SET id = 8;")
+        .await
+        .unwrap();
+    let leaf = summary(&events(&stack, &leaf_topic, 3).await);
+    run.stop().await;
+    assert_eq!(
+        leaf.iter()
+            .map(|(op, k, t)| format!("{op}:{k}:{t}"))
+            .collect::<Vec<_>>(),
+        [
+            "delete:[\"7\",\"eu\"]:orders_eu",
+            "insert:[\"7\",\"eu\"]:orders_eu",
+            "update:[\"8\",\"eu\"]:orders_eu"
+        ],
+        "a key-changing update: the old key's delete, then the update"
+    );
     assert_app_writes_work(&db).await;
     db.cleanup().await;
 }
@@ -1031,11 +1058,20 @@ async fn init_writes_a_pipeline_that_check_accepts_and_lists_what_needs_deciding
     let out = std::process::Command::new(unilog_bin())
         .args(["init", "--url", &db.url, "--out"])
         .arg(out_dir.path())
-        .args(["--name", "legacy", "--topic-prefix", &format!("it{}.", suffix())])
+        .args([
+            "--name",
+            "legacy",
+            "--topic-prefix",
+            &format!("it{}.", suffix()),
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for needle in [
         "with 6 mapping(s) ready",
         "2 partition(s) or child table(s) covered by the table above them",
@@ -1047,10 +1083,16 @@ async fn init_writes_a_pipeline_that_check_accepts_and_lists_what_needs_deciding
         assert!(stdout.contains(needle), "init output lacks {needle:?}:\n{stdout}");
     }
     let pipeline = std::fs::read_to_string(out_dir.path().join("pipeline.yaml")).unwrap();
-    assert!(pipeline.contains("  # - 'mappings/public.audit.yaml'   # needs a decision"), "{pipeline}");
+    assert!(
+        pipeline.contains("  # - 'mappings/public.audit.yaml'   # needs a decision"),
+        "{pipeline}"
+    );
     let categories =
         std::fs::read_to_string(out_dir.path().join("mappings/public.categories.yaml")).unwrap();
-    assert!(categories.contains("insert: CategoryCreated"), "{categories}");
+    assert!(
+        categories.contains("insert: CategoryCreated"),
+        "{categories}"
+    );
     let tags = std::fs::read_to_string(out_dir.path().join("mappings/public.tags.yaml")).unwrap();
     assert!(tags.contains("key: ['name']"), "{tags}");
     // Again, without --force: refused, nothing overwritten.
@@ -1097,8 +1139,16 @@ type Model = BTreeMap<&'static str, BTreeMap<Vec<i64>, i64>>;
 fn fold(shape: &Shape, events: &[(Option<String>, Json)]) -> BTreeMap<Vec<i64>, i64> {
     let mut out = BTreeMap::new();
     for (_, e) in events {
-        let row = if e["op"] == "delete" { &e["before"] } else { &e["after"] };
-        let key: Vec<i64> = shape.key.iter().map(|k| row[*k].as_i64().unwrap_or(-1)).collect();
+        let row = if e["op"] == "delete" {
+            &e["before"]
+        } else {
+            &e["after"]
+        };
+        let key: Vec<i64> = shape
+            .key
+            .iter()
+            .map(|k| row[*k].as_i64().unwrap_or(-1))
+            .collect();
         match e["op"].as_str() {
             Some("delete") => {
                 out.remove(&key);
@@ -1112,12 +1162,13 @@ fn fold(shape: &Shape, events: &[(Option<String>, Json)]) -> BTreeMap<Vec<i64>, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in_the_tables_state() {
+async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in_the_tables_state()
+{
     use rand::{Rng, SeedableRng};
     let seed: u64 = std::env::var("UNILOG_MODEL_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     eprintln!("model seed {seed} (UNILOG_MODEL_SEED={seed} repeats this run)");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let stack = Stack::from_env();
@@ -1138,17 +1189,41 @@ async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in
         .unwrap();
     let s = suffix();
     let shapes = [
-        Shape { table: "pt", topic: format!("it.m.pt.{s}"), key: &["id", "r"], insert_only: false },
-        Shape { table: "ih", topic: format!("it.m.ih.{s}"), key: &["id"], insert_only: false },
-        Shape { table: "kl", topic: format!("it.m.kl.{s}"), key: &["code"], insert_only: false },
-        Shape { table: "lg", topic: format!("it.m.lg.{s}"), key: &["n"], insert_only: true },
+        Shape {
+            table: "pt",
+            topic: format!("it.m.pt.{s}"),
+            key: &["id", "r"],
+            insert_only: false,
+        },
+        Shape {
+            table: "ih",
+            topic: format!("it.m.ih.{s}"),
+            key: &["id"],
+            insert_only: false,
+        },
+        Shape {
+            table: "kl",
+            topic: format!("it.m.kl.{s}"),
+            key: &["code"],
+            insert_only: false,
+        },
+        Shape {
+            table: "lg",
+            topic: format!("it.m.lg.{s}"),
+            key: &["n"],
+            insert_only: true,
+        },
     ];
     let mut model: Model = BTreeMap::new();
     let mut children = vec!["ih_a".to_string(), "ih_b".to_string()];
     let mut next_id = 0i64;
     // Random transactions of inserts, updates (partition-key moves among
     // them) and deletes, as SQL; the model follows.
-    let mut workload = |rng: &mut rand::rngs::StdRng, model: &mut Model, children: &[String], ops: usize| -> String {
+    let mut workload = |rng: &mut rand::rngs::StdRng,
+                        model: &mut Model,
+                        children: &[String],
+                        ops: usize|
+     -> String {
         let mut sql = String::from("BEGIN;\n");
         for _ in 0..ops {
             let t = rng.random_range(0..4);
@@ -1159,7 +1234,11 @@ async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in
                 let keys: Vec<Vec<i64>> = rows.keys().cloned().collect();
                 (!keys.is_empty()).then(|| keys[rng.random_range(0..keys.len())].clone())
             };
-            let what = if shape.insert_only { 0 } else { rng.random_range(0..3) };
+            let what = if shape.insert_only {
+                0
+            } else {
+                rng.random_range(0..3)
+            };
             match (shape.table, what, pick(rng, rows)) {
                 (_, 0, _) | (_, _, None) => {
                     next_id += 1;
@@ -1187,18 +1266,31 @@ async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in
                 }
                 ("pt", 1, Some(k)) => {
                     // Sometimes move the row to another partition.
-                    let r = if rng.random_bool(0.3) { rng.random_range(0..4) } else { k[1] };
-                    sql.push_str(&format!("UPDATE pt SET v = {v}, r = {r} WHERE id = {} AND r = {};\n", k[0], k[1]));
+                    let r = if rng.random_bool(0.3) {
+                        rng.random_range(0..4)
+                    } else {
+                        k[1]
+                    };
+                    sql.push_str(&format!(
+                        "UPDATE pt SET v = {v}, r = {r} WHERE id = {} AND r = {};\n",
+                        k[0], k[1]
+                    ));
                     rows.remove(&k);
                     rows.insert(vec![k[0], r], v);
                 }
                 (table, 1, Some(k)) => {
                     let col = if table == "kl" { "code" } else { "id" };
-                    sql.push_str(&format!("UPDATE {table} SET v = {v} WHERE {col} = {};\n", k[0]));
+                    sql.push_str(&format!(
+                        "UPDATE {table} SET v = {v} WHERE {col} = {};\n",
+                        k[0]
+                    ));
                     rows.insert(k, v);
                 }
                 ("pt", _, Some(k)) => {
-                    sql.push_str(&format!("DELETE FROM pt WHERE id = {} AND r = {};\n", k[0], k[1]));
+                    sql.push_str(&format!(
+                        "DELETE FROM pt WHERE id = {} AND r = {};\n",
+                        k[0], k[1]
+                    ));
                     rows.remove(&k);
                 }
                 (table, _, Some(k)) => {
@@ -1230,15 +1322,24 @@ async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in
             } else {
                 "events: {insert: Created, update: Changed, delete: Removed}\n".to_string()
             };
-            (format!("{}.yaml", sh.table), format!("table: {}\ntopic: {}\n{extra}{events}", sh.table, sh.topic))
+            (
+                format!("{}.yaml", sh.table),
+                format!("table: {}\ntopic: {}\n{extra}{events}", sh.table, sh.topic),
+            )
         })
         .collect();
-    let files: Vec<(&str, String)> = mappings.iter().map(|(f, t)| (f.as_str(), t.clone())).collect();
+    let files: Vec<(&str, String)> = mappings
+        .iter()
+        .map(|(f, t)| (f.as_str(), t.clone()))
+        .collect();
     let fx = Fixture::new(&stack, &db, &files, "");
     let text = std::fs::read_to_string(&fx.config).unwrap();
     std::fs::write(
         &fx.config,
-        text.replace("    snapshot: initial\n", "    snapshot: initial\n    set_replica_identity: index\n"),
+        text.replace(
+            "    snapshot: initial\n",
+            "    snapshot: initial\n    set_replica_identity: index\n",
+        ),
     )
     .unwrap();
     let run = Running::start(&fx);
@@ -1262,17 +1363,30 @@ async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in
         let cols = sh.key.join(", ");
         let rows = db
             .client
-            .query(&format!("SELECT {cols}, v FROM {} ORDER BY {cols}", sh.table), &[])
+            .query(
+                &format!("SELECT {cols}, v FROM {} ORDER BY {cols}", sh.table),
+                &[],
+            )
             .await
             .unwrap();
         let db_state: BTreeMap<Vec<i64>, i64> = rows
             .iter()
             .map(|r| {
-                let key = (0..sh.key.len()).map(|i| i64::from(r.get::<_, i32>(i))).collect();
-                (key, i64::from(r.get::<_, Option<i32>>(sh.key.len()).unwrap_or(-1)))
+                let key = (0..sh.key.len())
+                    .map(|i| i64::from(r.get::<_, i32>(i)))
+                    .collect();
+                (
+                    key,
+                    i64::from(r.get::<_, Option<i32>>(sh.key.len()).unwrap_or(-1)),
+                )
             })
             .collect();
-        assert_eq!(&db_state, model.get(sh.table).unwrap_or(&BTreeMap::new()), "model of {}", sh.table);
+        assert_eq!(
+            &db_state,
+            model.get(sh.table).unwrap_or(&BTreeMap::new()),
+            "model of {}",
+            sh.table
+        );
     }
     // ...and so does the topic folded into a final state.
     for sh in &shapes {
@@ -1289,7 +1403,10 @@ async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in
                 sh.table,
                 got.len(),
                 want.len(),
-                want.iter().filter(|(k, v)| got.get(*k) != Some(v)).take(5).collect::<Vec<_>>()
+                want.iter()
+                    .filter(|(k, v)| got.get(*k) != Some(v))
+                    .take(5)
+                    .collect::<Vec<_>>()
             );
             tokio::time::sleep(Duration::from_secs(2)).await;
         }

@@ -300,20 +300,16 @@ impl Mapper {
         registry: &RegistryClient,
         dry_run: bool,
     ) -> Result<Vec<(String, Option<u32>)>, MappingError> {
-        use futures::StreamExt;
         let mut rules: Vec<(&String, &mut TableRule)> = self.rules.iter_mut().collect();
         rules.sort_by(|a, b| a.0.cmp(b.0));
-        let mut results: Vec<(usize, Result<Vec<(String, Option<u32>)>, MappingError>)> =
-            futures::stream::iter(rules.into_iter().enumerate().map(|(i, (_, rule))| async move {
-                (i, register_rule(rule, registry, dry_run).await)
-            }))
-            .buffer_unordered(REGISTER_CONCURRENCY)
-            .collect()
-            .await;
-        results.sort_by_key(|(i, _)| *i);
         let mut out = Vec::new();
-        for (_, r) in results {
-            out.extend(r?);
+        for chunk in rules.chunks_mut(REGISTER_CONCURRENCY) {
+            let batch = chunk
+                .iter_mut()
+                .map(|(_, rule)| register_rule(rule, registry, dry_run));
+            for r in futures::future::join_all(batch).await {
+                out.extend(r?);
+            }
         }
         Ok(out)
     }

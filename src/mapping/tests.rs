@@ -340,7 +340,11 @@ fn an_update_that_changes_the_key_deletes_the_old_key_first() {
     assert_eq!(n, 2);
     assert_eq!(out[0].key.as_deref(), Some(&b"41"[..]));
     assert_eq!(&*out[0].event_type, "UserDeleted");
-    assert!(out[0].dedup_id.ends_with(OLD_KEY_SUFFIX), "{}", out[0].dedup_id);
+    assert!(
+        out[0].dedup_id.ends_with(OLD_KEY_SUFFIX),
+        "{}",
+        out[0].dedup_id
+    );
     assert_eq!(out[1].key.as_deref(), Some(&b"42"[..]));
     assert_eq!(&*out[1].event_type, "UserUpdated");
     assert_eq!(out[1].dedup_id, dedup_id(&event(Op::Update, None, None)));
