@@ -372,10 +372,12 @@ impl Mapper {
     /// is, so a truncate reaches the Debezium topic only when the mapping
     /// names a truncate event.
     ///
-    /// An update that changes the entity key is published as two changes:
-    /// a delete of the old key (dedup id with [`OLD_KEY_SUFFIX`]), then the
-    /// update under the new key, so that a topic compacted by key (and a
-    /// consumer folding it) keeps no row under the old key.
+    /// An update that changes the entity key is published as two domain
+    /// events: a delete of the old key (dedup id with [`OLD_KEY_SUFFIX`]),
+    /// then the update under the new key, so that a topic compacted by key
+    /// (and a consumer folding it) keeps no row under the old key. The
+    /// Debezium records follow the update, split as Debezium splits it:
+    /// delete, tombstone, create.
     pub fn map_into(
         &mut self,
         ev: &ChangeEvent,
@@ -387,10 +389,10 @@ impl Mapper {
                 after: None,
                 ..ev.clone()
             };
-            let n = self.map_one_into(&old, OLD_KEY_SUFFIX, out)?;
-            return Ok(n + self.map_one_into(ev, "", out)?);
+            let n = self.map_one_into(&old, OLD_KEY_SUFFIX, false, out)?;
+            return Ok(n + self.map_one_into(ev, "", true, out)?);
         }
-        self.map_one_into(ev, "", out)
+        self.map_one_into(ev, "", true, out)
     }
 
     /// Whether an update's old row names another entity key than its new row.
@@ -420,17 +422,20 @@ impl Mapper {
             }))
     }
 
+    /// Maps `ev` into its domain event and, with `debezium`, the Debezium
+    /// records of the change (which split a key change on their own).
     fn map_one_into(
         &mut self,
         ev: &ChangeEvent,
         dedup_suffix: &str,
+        debezium: bool,
         out: &mut Vec<DomainEvent>,
     ) -> Result<usize, MappingError> {
         let Some(d) = self.map_as(ev, dedup_suffix)? else {
             return Ok(0);
         };
         let start = out.len();
-        let dz = if self.with_debezium {
+        let dz = if self.with_debezium && debezium {
             self.rules
                 .get_mut(&ev.table.qualified())
                 .and_then(|r| r.debezium.as_mut())

@@ -456,7 +456,10 @@ fn key_change_becomes_delete_tombstone_create() {
     let mut out = Vec::new();
     m.map_into(&event(Op::Update, Some(old), Some(row())), &mut out)
         .unwrap();
-    let dz = &out[1..];
+    // The domain events: the old key's delete, the update; then Debezium's three.
+    assert_eq!(&*out[0].event_type, "UserDeleted");
+    assert_eq!(out[0].key.as_deref(), Some(&b"41"[..]));
+    let dz = &out[2..];
     assert_eq!(dz.len(), 3);
     assert_eq!(op_of(&envelope(&m, &dz[0])), "d");
     assert_eq!(key_of(&m, &dz[0]), vec![("id".to_string(), Avro::Long(41))]);
