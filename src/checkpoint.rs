@@ -23,10 +23,24 @@ pub struct PgCheckpoint {
     /// The error that last stopped the pipeline, with its time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// Inheritance children (`schema.table`) added to the publication
-    /// while streaming whose copy Kafka has not confirmed yet.
+    /// Inheritance children added to the publication while streaming
+    /// whose copy Kafka has not confirmed yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pending_children: Vec<String>,
+    pub pending_children: Vec<PendingChild>,
+    /// The publications that existed when the slot was created, which the
+    /// slot can read (`None`: a slot of an earlier version, which reads the
+    /// main publication only). PostgreSQL before 18 stops decoding at a
+    /// publication newer than the slot's position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publications: Option<Vec<String>>,
+}
+
+/// An inheritance child whose copy is not confirmed yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingChild {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
 }
 
 impl PgCheckpoint {

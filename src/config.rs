@@ -604,6 +604,13 @@ impl LoadedConfig {
                 }
             }
         }
+        let inserts = self.insert_publication();
+        if inserts.len() > 63 {
+            return Err(self.err(
+                "source.postgres.insert_publication",
+                format!("the default `{inserts}` (`<publication>_inserts`) is longer than PostgreSQL's 63 characters; name it here"),
+            ));
+        }
         self.validate_common()
     }
 

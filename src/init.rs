@@ -182,6 +182,7 @@ pub async fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
         .map_err(|e| InitError::Io(format!("cannot create {}: {e}", mappings_dir.display())))?;
     let mut listed = Vec::new();
     let mut topics: BTreeMap<String, String> = BTreeMap::new();
+    let mut files = std::collections::HashSet::new();
     for c in &candidates {
         let q = c.rel.main.qualified();
         if let Some(parent) = covered_by.get(&c.rel.main.oid) {
@@ -201,7 +202,12 @@ pub async fn init(opts: &InitOptions) -> Result<InitReport, InitError> {
             .await
             .map_err(|e| PgError::Setup(crate::sources::pg_logical::pg_text(&e)))?;
         let (text, needs) = mapping_for(opts, c, table.as_ref(), &mut topics);
-        let file = file_name(&q);
+        // Names that clean up alike (`a b`, `a_b`) get the table's OID.
+        let mut file = file_name(&q);
+        if !files.insert(file.clone()) {
+            file = format!("{}.{}.yaml", file.trim_end_matches(".yaml"), c.rel.main.oid);
+            files.insert(file.clone());
+        }
         let path = mappings_dir.join(&file);
         write_new(&path, &text, opts.force)?;
         let rel_path = format!("mappings/{file}");

@@ -1414,3 +1414,61 @@ async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in
     run.stop().await;
     db.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_insert_only_mapping_on_a_slot_older_than_its_publication_is_refused() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack).await;
+    db.client
+        .batch_execute(
+            "CREATE TABLE users (id int PRIMARY KEY); CREATE TABLE audit (who text, what text);",
+        )
+        .await
+        .unwrap();
+    let s = suffix();
+    let fx = Fixture::new(
+        &stack,
+        &db,
+        &[("users.yaml", mapping("users", &format!("it.u.{s}"), ""))],
+        "",
+    );
+    let run = Running::start(&fx);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    run.stop().await;
+    // The slot reads both publications, which exist from the first start.
+    let state_path = fx.dir.path().join(format!("state/{}.json", fx.name));
+    let mut state: Json =
+        serde_json::from_str(&std::fs::read_to_string(&state_path).unwrap()).unwrap();
+    assert_eq!(
+        state["publications"],
+        serde_json::json!([
+            format!("unilog_{}", fx.name),
+            format!("unilog_{}_inserts", fx.name)
+        ]),
+        "{state}"
+    );
+    // A checkpoint of an earlier version, whose slot reads the main publication only.
+    state.as_object_mut().unwrap().remove("publications");
+    std::fs::write(&state_path, state.to_string()).unwrap();
+    std::fs::write(
+        fx.dir.path().join("audit.yaml"),
+        format!("table: audit\ntopic: it.a.{s}\ninsert_only: true\nkey: [who]\nevents: {{insert: Audited}}\n"),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&fx.config).unwrap();
+    std::fs::write(
+        &fx.config,
+        text.replace("  - users.yaml\n", "  - users.yaml\n  - audit.yaml\n"),
+    )
+    .unwrap();
+    for (cmd, want) in [("check", 2), ("run", 1)] {
+        let (code, err) = unilog(cmd, &fx);
+        assert_eq!(code, Some(want), "{err}");
+        assert!(
+            err.contains("public.audit is mapped `insert_only`, but replication slot")
+                && err.contains("map the table in a pipeline of its own"),
+            "{cmd}: {err}"
+        );
+    }
+    db.cleanup().await;
+}

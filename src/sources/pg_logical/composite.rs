@@ -12,6 +12,9 @@ type Reason = Cow<'static, str>;
 /// double-quoted, with `""` or `\"` for a quote and `\\` for a backslash.
 /// Each field is parsed by its own type.
 pub fn parse_composite(fields: &[ColumnInfo], text: &str) -> Result<Value, Reason> {
+    if fields.is_empty() && text == "()" {
+        return Ok(Value::Record(Vec::new()));
+    }
     let raw = split_composite(text)?;
     if raw.len() != fields.len() {
         return Err(format!("has {} fields, the type has {}", raw.len(), fields.len()).into());

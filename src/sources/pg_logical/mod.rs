@@ -33,6 +33,7 @@
 pub mod catalog;
 pub mod children;
 pub mod composite;
+mod identity_watch;
 pub mod pgoutput;
 pub mod publication;
 pub mod relations;
@@ -61,12 +62,9 @@ use pgoutput::{decode, pg_epoch_micros_to_unix, LogicalMessage, OldTuple, TupleD
 use snapshot::{CopySource, SnapshotReader};
 use tls::PgUrl;
 
-/// How often the published tables' replica identities are read again.
-const IDENTITY_CHECK_EVERY: Duration = Duration::from_secs(10);
-
 /// Session settings that make text values parse the same everywhere.
 pub const SESSION_OPTIONS: &str =
-    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex";
+    "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c standard_conforming_strings=on";
 
 /// What went wrong in the Postgres source.
 #[derive(Debug, thiserror::Error)]
@@ -190,11 +188,13 @@ pub struct PgSource {
     /// Mapped inheritance parents and the children seen.
     children: children::Children,
     /// New children waiting to be copied, then the copy being read.
-    child_queue: Vec<children::NewChild>,
-    child_copy: Option<(SnapshotReader, Vec<String>)>,
+    child_queue: Vec<children::PendingCopy>,
+    child_copy: Option<(SnapshotReader, Vec<u32>)>,
+    /// When the queue was last checked for copies that may start.
+    child_queue_checked: Option<Instant>,
     /// Copies read, with the last position handed out before they ended:
     /// an acknowledgement past it means Kafka confirmed the copy.
-    copies_done: Vec<(Lsn, Vec<String>)>,
+    copies_done: Vec<(Lsn, Vec<u32>)>,
     /// The highest position handed out in a batch.
     emitted: Lsn,
     /// Children already warned about (not published, and why).
@@ -290,7 +290,7 @@ pub async fn connect_plain(url: &str) -> Result<Client, PgError> {
     });
     client
         .batch_execute(
-            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'",
+            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO'; SET IntervalStyle = 'postgres'; SET extra_float_digits = 3; SET bytea_output = 'hex'; SET standard_conforming_strings = on",
         )
         .await
         .map_err(query_err("setting session options"))?;
@@ -352,6 +352,7 @@ impl PgSource {
             children: children::Children::default(),
             child_queue: Vec::new(),
             child_copy: None,
+            child_queue_checked: None,
             copies_done: Vec::new(),
             emitted: Lsn(0),
             warned: std::collections::HashSet::new(),
@@ -450,13 +451,64 @@ impl PgSource {
             dry_run,
         )
         .await?;
-        self.publications = vec![self.settings.publication.clone()];
-        if plans.iter().any(|p| p.insert_only) {
-            self.publications
-                .push(self.settings.insert_publication.clone());
+        // Which publications the slot can read: those that existed when it
+        // was created (PostgreSQL before 18 stops decoding at a publication
+        // newer than the slot's position). A new slot reads both.
+        let slot_exists = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&self.settings.slot],
+            )
+            .await
+            .map_err(query_err("reading replication slots"))?
+            .is_some();
+        let main = self.settings.publication.clone();
+        let inserts = self.settings.insert_publication.clone();
+        let readable = if slot_exists {
+            if self.state.slot == self.settings.slot {
+                self.state
+                    .publications
+                    .clone()
+                    .unwrap_or_else(|| vec![main.clone()])
+            } else {
+                vec![main.clone()]
+            }
+        } else {
+            vec![main.clone(), inserts.clone()]
+        };
+        if let Some(p) = plans.iter().find(|p| p.insert_only) {
+            if !readable.contains(&inserts) {
+                return Err(PgError::Setup(format!(
+                    "{} is mapped `insert_only`, but replication slot `{}` was created before the insert-only publication `{inserts}` existed, and PostgreSQL (before 18) stops decoding at a publication newer than the slot's position. Ways out: map the table in a pipeline of its own (its new slot reads its publications from the start), or give this pipeline a new slot: stop unilog, run `SELECT pg_drop_replication_slot('{}')`, remove {}, and start it again (every mapped table is copied again)",
+                    p.qualified,
+                    self.settings.slot,
+                    self.settings.slot,
+                    self.store.path().display()
+                )));
+            }
         }
+        self.publications = readable;
         self.plans = plans;
         Ok(changes)
+    }
+
+    /// The publications that exist now, of the two the slot may read: what
+    /// a slot created now can read.
+    async fn existing_publications(&self) -> Result<Vec<String>, PgError> {
+        let mut out = Vec::new();
+        for name in [
+            &self.settings.publication,
+            &self.settings.insert_publication,
+        ] {
+            if publication::publication_oid(&self.client, name)
+                .await?
+                .is_some()
+            {
+                out.push(name.clone());
+            }
+        }
+        Ok(out)
     }
 
     fn replication_config(&self) -> Result<ReplicationConfig, PgError> {
@@ -610,6 +662,11 @@ impl PgSource {
                 .map_err(query_err(format!("dropping unfinished slot {slot}")))?;
         }
 
+        // A new slot reads every publication that exists now.
+        self.publications = self.existing_publications().await?;
+        if self.publications.is_empty() {
+            self.publications = vec![self.settings.publication.clone()];
+        }
         let mut repl = ReplicationClient::connect_gated(self.replication_config()?)
             .await
             .map_err(repl_err(&self.settings.url))?;
@@ -641,6 +698,7 @@ impl PgSource {
             delivered_lsn: Some(consistent.to_string()),
             last_error: None,
             pending_children: Vec::new(),
+            publications: Some(self.publications.clone()),
         };
         self.store.commit(&self.state)?;
         self.start_lsn = consistent;
@@ -686,268 +744,6 @@ impl PgSource {
                 }
             })
             .collect()
-    }
-
-    /// Starts tracking the mapped inheritance parents. The children in a
-    /// publication now are covered (by the snapshot, or by an earlier
-    /// run); children the checkpoint says were not fully copied yet are
-    /// copied again.
-    async fn init_children(&mut self, fresh_snapshot: bool) -> Result<(), PgError> {
-        let parents: Vec<children::Parent> = self
-            .plans
-            .iter()
-            .filter(|p| !p.only && !p.partitioned)
-            .map(|p| children::Parent {
-                oid: p.oid,
-                qualified: p.qualified.clone(),
-                publication: if p.insert_only {
-                    self.settings.insert_publication.clone()
-                } else {
-                    self.settings.publication.clone()
-                },
-                insert_only: p.insert_only,
-            })
-            .collect();
-        let mut known = Vec::new();
-        for name in self.publications.clone() {
-            if let Some(oid) = publication::publication_oid(&self.client, &name).await? {
-                known.extend(publication::members(&self.client, oid).await?);
-            }
-        }
-        self.children = children::Children::new(parents, known);
-        if fresh_snapshot {
-            return Ok(());
-        }
-        for q in self.state.pending_children.clone() {
-            let (schema, name) = q.split_once('.').unwrap_or(("public", &q));
-            let Some(oid) = relations::oid_of(&self.client, schema, name)
-                .await
-                .map_err(query_err(format!("finding {q}")))?
-            else {
-                continue;
-            };
-            if let Some(parent) = self.children.parent_of(&self.client, oid).await? {
-                tracing::info!(child = %q, parent = %parent.qualified, "copying an inheritance child again: its copy was not confirmed before the last stop");
-                self.child_queue.push(children::NewChild {
-                    oid,
-                    schema: schema.to_string(),
-                    name: name.to_string(),
-                    parent: parent.qualified,
-                    publication: parent.publication,
-                    insert_only: parent.insert_only,
-                    published: true,
-                });
-            }
-        }
-        Ok(())
-    }
-
-    /// Looks for inheritance children created since the last look: each
-    /// one that is safe to publish is added to its publication and queued
-    /// for a copy; the others are reported (log and `/ready`).
-    async fn check_children(&mut self) -> Result<(), PgError> {
-        for c in self.children.discover(&self.client).await? {
-            let q = c.qualified();
-            let Some(facts) = relations::physical_facts(&self.client, &[c.oid])
-                .await
-                .map_err(query_err(format!("reading {q}")))?
-                .pop()
-            else {
-                continue;
-            };
-            let warn = |me: &mut Self, why: String| {
-                let key = format!("child:{q}");
-                if me.warned.insert(c.oid) {
-                    tracing::error!(child = %q, parent = %c.parent, "{why}");
-                }
-                crate::telemetry::health().set_warning(&key, Some(why));
-            };
-            if facts.kind != relations::RelKind::Table
-                || facts.persistence != relations::Persistence::Permanent
-            {
-                let why = format!("{q}, a new child of the mapped table {}, is a {} that logical replication cannot publish ({:?}); its rows are not published", c.parent, facts.kind.describe(), facts.persistence);
-                warn(self, why);
-                self.children.mark_known(c.oid);
-                continue;
-            }
-            if !c.insert_only && !facts.identity.allows_updates() {
-                match safety::planned_fix(&facts, self.settings.set_replica_identity) {
-                    Some((sql, _)) => {
-                        tracing::info!(child = %q, sql = %sql, "giving a new child table a replica identity (set_replica_identity)");
-                        publication::run_ddl(&self.client, &sql).await?;
-                    }
-                    None => {
-                        let why = format!("{q}, a new child of the mapped table {}, has {}: publishing it would make the app's UPDATE and DELETE on it fail, so its rows are not published until it has one (`ALTER TABLE {} REPLICA IDENTITY FULL;`, or a primary key); unilog looks again every {} s", c.parent, facts.identity.describe(), facts.sql_name(), children::CHECK_EVERY.as_secs());
-                        warn(self, why);
-                        continue;
-                    }
-                }
-            }
-            if !c.published && !self.settings.manage_publication {
-                let why = format!("{q}, a new child of the mapped table {}, is not in publication `{}`, so its rows are not published; run `ALTER PUBLICATION {} ADD TABLE ONLY {}` (manage_publication is false)", c.parent, c.publication, quote_ident(&c.publication), c.sql_name());
-                warn(self, why);
-                continue;
-            }
-            self.state.pending_children.push(q.clone());
-            self.store.commit(&self.state)?;
-            if !c.published {
-                let sql = format!(
-                    "ALTER PUBLICATION {} ADD TABLE ONLY {}",
-                    quote_ident(&c.publication),
-                    c.sql_name()
-                );
-                publication::run_ddl(&self.client, &sql).await?;
-                tracing::info!(child = %q, parent = %c.parent, "a new inheritance child: added to the publication; copying its rows");
-            }
-            crate::telemetry::health().set_warning(&format!("child:{q}"), None);
-            self.children.mark_known(c.oid);
-            self.child_queue.push(c);
-        }
-        Ok(())
-    }
-
-    /// Rows of new inheritance children, handed out between transactions:
-    /// the copy under way, else one started for queued children. Also
-    /// looks for new children, and reads the published tables' replica
-    /// identities, when due. `None`: nothing to copy now.
-    async fn next_child_rows(&mut self, max: usize) -> Result<Option<Vec<ChangeEvent>>, PgError> {
-        if self
-            .identities_checked
-            .is_none_or(|t| t.elapsed() >= IDENTITY_CHECK_EVERY)
-        {
-            self.identities_checked = Some(Instant::now());
-            self.check_identities().await?;
-        }
-        if self.children.due() {
-            self.check_children().await?;
-        }
-        if self.child_copy.is_none() && !self.child_queue.is_empty() {
-            self.start_child_copy().await?;
-        }
-        let Some((reader, _)) = self.child_copy.as_mut() else {
-            return Ok(None);
-        };
-        match reader.next_batch(max).await? {
-            Some(events) if !events.is_empty() => Ok(Some(events)),
-            _ => {
-                if let Some((_, names)) = self.child_copy.take() {
-                    self.copies_done
-                        .push((self.emitted.max(self.start_lsn), names));
-                }
-                Ok(None)
-            }
-        }
-    }
-
-    /// Reads the replica identity of every published table with storage
-    /// (partitions created since the start included). One that lost it (or
-    /// a new partition that never had one) makes the app's UPDATE and
-    /// DELETE fail: it is given one when `set_replica_identity` allows,
-    /// else reported in the log and by `/ready` until it has one again.
-    async fn check_identities(&mut self) -> Result<(), PgError> {
-        // Two queries whatever the number of tables: the partitions of the
-        // partitioned ones, then the facts of every table with storage.
-        let mut owner: HashMap<u32, String> = HashMap::new();
-        let mut roots = Vec::new();
-        for plan in self.plans.iter().filter(|p| !p.insert_only) {
-            owner.insert(plan.oid, plan.qualified.clone());
-            if plan.partitioned {
-                roots.push(i64::from(plan.oid));
-            } else if !plan.only {
-                for c in &plan.children {
-                    owner.insert(c.oid, plan.qualified.clone());
-                }
-            }
-        }
-        if owner.is_empty() {
-            return Ok(());
-        }
-        if !roots.is_empty() {
-            let rows = self
-                .client
-                .query(
-                    "SELECT t.relid::int8, r.root FROM unnest($1::int8[]) r(root), pg_partition_tree(r.root::oid) t WHERE t.isleaf",
-                    &[&roots],
-                )
-                .await
-                .map_err(query_err("reading the partitions of the mapped tables"))?;
-            for r in rows {
-                let leaf = u32::try_from(r.get::<_, i64>(0)).unwrap_or_default();
-                let root = u32::try_from(r.get::<_, i64>(1)).unwrap_or_default();
-                if let Some(q) = owner.get(&root).cloned() {
-                    owner.insert(leaf, q);
-                }
-            }
-        }
-        let oids: Vec<u32> = owner.keys().copied().collect();
-        let facts = relations::physical_facts(&self.client, &oids)
-            .await
-            .map_err(query_err(
-                "reading the replica identity of the published tables",
-            ))?;
-        for f in facts {
-            let key = format!("identity:{}", f.qualified());
-            if f.identity.allows_updates() || f.kind == relations::RelKind::Partitioned {
-                crate::telemetry::health().set_warning(&key, None);
-                continue;
-            }
-            if let Some((sql, _)) = safety::planned_fix(&f, self.settings.set_replica_identity) {
-                tracing::warn!(table = %f.qualified(), sql = %sql, "a published table has no replica identity; giving it one (set_replica_identity)");
-                publication::run_ddl(&self.client, &sql).await?;
-                crate::telemetry::health().set_warning(&key, None);
-                continue;
-            }
-            let why = format!(
-                "{} (published for the mapping of {}) has {}: PostgreSQL refuses the app's UPDATE and DELETE on it while it is published; run `ALTER TABLE {} REPLICA IDENTITY FULL;` (or give it a primary key), or set source.postgres.set_replica_identity",
-                f.qualified(),
-                owner.get(&f.oid).map_or("?", String::as_str),
-                f.identity.describe(),
-                f.sql_name()
-            );
-            if crate::telemetry::health().set_warning(&key, Some(why.clone())) {
-                tracing::error!(table = %f.qualified(), "{why}");
-            }
-        }
-        Ok(())
-    }
-
-    /// Starts copying the queued children: once every transaction older
-    /// than their publication has ended, in a new snapshot.
-    async fn start_child_copy(&mut self) -> Result<(), PgError> {
-        let queue = std::mem::take(&mut self.child_queue);
-        children::wait_for_older_transactions(&self.client).await?;
-        let mut sources = Vec::new();
-        let mut names = Vec::new();
-        for c in &queue {
-            let Some(parent) = self.known.get(&c.parent).cloned() else {
-                continue;
-            };
-            let Some(oid) = self
-                .plans
-                .iter()
-                .find(|p| p.qualified == c.parent)
-                .map(|p| p.oid)
-            else {
-                continue;
-            };
-            sources.push(CopySource {
-                table: parent,
-                from: format!("ONLY {}", c.sql_name()),
-                origin_of: Some(oid),
-            });
-            names.push(c.qualified());
-        }
-        let at: Lsn = self
-            .client
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .map_err(query_err("reading the current WAL position"))?
-            .get::<_, String>(0)
-            .parse()
-            .unwrap_or(self.emitted);
-        let reader = SnapshotReader::begin_now(&self.settings.url, at, sources).await?;
-        self.child_copy = Some((reader, names));
-        Ok(())
     }
 
     /// What happened to the slot, for the log and the error.
@@ -1371,9 +1167,14 @@ impl Source for PgSource {
                 .into_iter()
                 .partition(|(mark, _)| position.0 > *mark);
             self.copies_done = rest;
-            for (_, names) in done {
-                tracing::info!(tables = %names.join(", "), "copy of new inheritance children delivered");
-                self.state.pending_children.retain(|c| !names.contains(c));
+            for (_, oids) in done {
+                tracing::info!(
+                    tables = oids.len(),
+                    "copy of new inheritance children delivered"
+                );
+                self.state
+                    .pending_children
+                    .retain(|c| !oids.contains(&c.oid));
             }
             self.store.commit(&self.state)?;
         }

@@ -82,6 +82,52 @@ pub async fn members(client: &Client, publication_oid: u32) -> Result<HashSet<u3
         .collect())
 }
 
+/// Moves the differences found to the SQL to run (`manage`) or to the
+/// refusals. A difference without SQL is always refused.
+fn apply(
+    todo: &mut Vec<(String, String)>,
+    manage: bool,
+    sql_todo: &mut Vec<String>,
+    refusals: &mut Vec<String>,
+) {
+    for (sql, why) in todo.drain(..) {
+        if sql.is_empty() {
+            refusals.push(why);
+        } else if manage {
+            sql_todo.push(sql);
+        } else {
+            refusals.push(format!(
+                "{why}; run `{sql}` or set source.postgres.manage_publication: true"
+            ));
+        }
+    }
+}
+
+/// The tables with storage listed in a publication (partitions of the
+/// partitioned ones included) that have no usable replica identity.
+async fn members_without_identity(
+    client: &Client,
+    publication_oid: u32,
+) -> Result<Vec<String>, PgError> {
+    Ok(client
+        .query(
+            "WITH rels AS (SELECT prrelid AS oid FROM pg_publication_rel WHERE prpubid = $1::int8::oid),
+                  leaves AS (SELECT t.relid AS oid FROM rels, pg_partition_tree(rels.oid) t WHERE t.isleaf)
+             SELECT DISTINCT format('%s.%s', n.nspname, c.relname)
+             FROM leaves l JOIN pg_class c ON c.oid = l.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE c.relkind = 'r' AND (c.relreplident = 'n'
+                OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
+                OR (c.relreplident = 'i' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
+             ORDER BY 1",
+            &[&i64::from(publication_oid)],
+        )
+        .await
+        .map_err(query_err("reading the replica identities of a publication's tables"))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// The OID of a publication, if it exists.
 pub async fn publication_oid(client: &Client, name: &str) -> Result<Option<u32>, PgError> {
     Ok(existing(client, name).await?.map(|e| e.oid))
@@ -167,14 +213,24 @@ pub async fn ensure(
     for w in &wanted {
         let pub_sql = quote_ident(w.name);
         let Some(e) = existing(client, w.name).await? else {
-            if w.tables.is_empty() {
+            // Both publications are made (empty if need be) even when no
+            // mapping needs one yet: a slot can only read publications
+            // that existed when it was created.
+            if w.tables.is_empty() && !manage {
                 continue;
             }
-            let sql = format!(
-                "CREATE PUBLICATION {pub_sql} FOR TABLE {} WITH (publish = '{}', publish_via_partition_root = true)",
-                w.tables.iter().map(|t| table_ref(t)).collect::<Vec<_>>().join(", "),
-                w.actions
-            );
+            let sql = if w.tables.is_empty() {
+                format!(
+                    "CREATE PUBLICATION {pub_sql} WITH (publish = '{}', publish_via_partition_root = true)",
+                    w.actions
+                )
+            } else {
+                format!(
+                    "CREATE PUBLICATION {pub_sql} FOR TABLE {} WITH (publish = '{}', publish_via_partition_root = true)",
+                    w.tables.iter().map(|t| table_ref(t)).collect::<Vec<_>>().join(", "),
+                    w.actions
+                )
+            };
             if manage {
                 sql_todo.push(sql);
             } else {
@@ -182,15 +238,10 @@ pub async fn ensure(
             }
             continue;
         };
-        let mut fix = |sql: String, why: String| {
-            if manage {
-                sql_todo.push(sql);
-            } else {
-                refusals.push(format!(
-                    "{why}; run `{sql}` or set source.postgres.manage_publication: true"
-                ));
-            }
-        };
+        // A difference: corrected when unilog manages the publication,
+        // else refused with the SQL that corrects it.
+        let mut todo: Vec<(String, String)> = Vec::new();
+        let mut fix = |sql: String, why: String| todo.push((sql, why));
         if w.insert_only {
             if !w.tables.is_empty() && (e.update || e.delete) {
                 fix(
@@ -199,10 +250,30 @@ pub async fn ensure(
                 );
             }
         } else if !(w.tables.is_empty() || e.insert && e.update && e.delete && e.truncate) {
-            fix(
-                format!("ALTER PUBLICATION {pub_sql} SET (publish = '{}')", w.actions),
-                format!("publication `{}` does not publish every kind of change (insert {}, update {}, delete {}, truncate {}), so some committed changes would never reach Kafka", w.name, e.insert, e.update, e.delete, e.truncate),
-            );
+            let why = format!("publication `{}` does not publish every kind of change (insert {}, update {}, delete {}, truncate {}), so some committed changes would never reach Kafka", w.name, e.insert, e.update, e.delete, e.truncate);
+            // Publishing updates and deletes of the tables already in it
+            // must not break the app's writes to them.
+            let widening = !(e.update && e.delete);
+            let blocked = if !widening {
+                None
+            } else if e.all_tables {
+                Some("it is FOR ALL TABLES, so every table of the database without a replica identity would refuse the app's UPDATE and DELETE".to_string())
+            } else {
+                let unsafe_members = members_without_identity(client, e.oid).await?;
+                (!unsafe_members.is_empty()).then(|| {
+                    format!(
+                        "tables already in it have no replica identity, and would refuse the app's UPDATE and DELETE: {}",
+                        unsafe_members.join(", ")
+                    )
+                })
+            };
+            match blocked {
+                Some(b) => fix(String::new(), format!("{why}; unilog does not widen it, because {b}; give unilog a publication of its own (source.postgres.publication), or give those tables a replica identity first")),
+                None => fix(
+                    format!("ALTER PUBLICATION {pub_sql} SET (publish = '{}')", w.actions),
+                    why,
+                ),
+            }
         }
         if !e.via_root && w.tables.iter().any(|t| t.partitioned) {
             fix(
@@ -214,6 +285,7 @@ pub async fn ensure(
             if w.insert_only && !w.tables.is_empty() {
                 refusals.push(format!("publication `{}` is FOR ALL TABLES, so it cannot be the insert-only publication; set source.postgres.insert_publication to another name", w.name));
             }
+            apply(&mut todo, manage, &mut sql_todo, &mut refusals);
             continue;
         }
         let present = members(client, e.oid).await?;
@@ -225,16 +297,23 @@ pub async fn ensure(
                 );
                 continue;
             }
-            for c in t.children.iter().filter(|c| !present.contains(&c.oid)) {
-                fix(
-                    format!("ALTER PUBLICATION {pub_sql} ADD TABLE ONLY {}", c.sql_name),
-                    format!(
-                        "publication `{}` does not include {}, an inheritance child of {}",
-                        w.name, c.qualified, t.qualified
-                    ),
-                );
+            // Children missing from the publication are added while
+            // running, which also copies the rows they hold (see
+            // `children`); with `manage_publication: false` that is
+            // refused now, with the SQL.
+            if !manage {
+                for c in t.children.iter().filter(|c| !present.contains(&c.oid)) {
+                    fix(
+                        format!("ALTER PUBLICATION {pub_sql} ADD TABLE ONLY {}", c.sql_name),
+                        format!(
+                            "publication `{}` does not include {}, an inheritance child of {}",
+                            w.name, c.qualified, t.qualified
+                        ),
+                    );
+                }
             }
         }
+        apply(&mut todo, manage, &mut sql_todo, &mut refusals);
     }
     // A table moved to `insert_only` must leave the main publication, or
     // the app's UPDATE and DELETE on it keep failing.

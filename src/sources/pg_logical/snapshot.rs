@@ -133,12 +133,11 @@ impl SnapshotReader {
             .client
             .query_one(
                 &format!(
-                    "WITH RECURSIVE d(oid) AS (SELECT '{rel}'::regclass::oid UNION SELECT i.inhrelid FROM pg_inherits i JOIN d ON i.inhparent = d.oid{only})
+                    "WITH RECURSIVE d(oid) AS (SELECT $1::text::regclass::oid UNION SELECT i.inhrelid FROM pg_inherits i JOIN d ON i.inhparent = d.oid{only})
                      SELECT COALESCE(sum(greatest(c.reltuples, 0)), 0)::float4 FROM pg_class c JOIN d ON c.oid = d.oid",
-                    rel = relation.replace('\'', "''"),
                     only = if from.starts_with("ONLY ") { " WHERE false" } else { "" },
                 ),
-                &[],
+                &[&relation],
             )
             .await
             .map_err(query_err(format!(
