@@ -22,18 +22,27 @@ use crate::sources::pg_logical::catalog::Catalog;
 use crate::sources::pg_logical::relations::{self, Identity, RelKind};
 use crate::sources::pg_logical::{connect_plain, safety, PgError};
 
-/// What `init` was asked for.
-#[derive(Debug, Clone)]
+/// What `init` was asked for (the command line's `unilog init` options).
+#[derive(Debug, Clone, clap::Args)]
 pub struct InitOptions {
+    /// The database, `postgres://user:password@host:port/database`.
+    #[arg(long, env = "PG_URL", hide_env_values = true)]
     pub url: String,
-    /// Schemas to read; empty: every schema but the system ones.
+    /// Only these schemas (repeat the flag); default: every schema but the
+    /// system ones.
+    #[arg(long = "schema")]
     pub schemas: Vec<String>,
+    /// Where to write `pipeline.yaml` and `mappings/`.
+    #[arg(long, default_value = "unilog")]
     pub out: PathBuf,
     /// The pipeline's name (names the slot and publication).
+    #[arg(long, default_value = "legacy")]
     pub name: String,
-    /// Put before every default topic (`legacy.` gives `legacy.public.users`).
+    /// Put before every topic name (`legacy.` gives `legacy.public.users`).
+    #[arg(long, default_value = "")]
     pub topic_prefix: String,
     /// Overwrite files that exist.
+    #[arg(long)]
     pub force: bool,
 }
 

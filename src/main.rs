@@ -105,27 +105,7 @@ enum Command {
     /// decided (no key, no usable replica identity, a relation that cannot
     /// be published, a refused type); those mappings are written but left
     /// commented out in the pipeline file, so `check` accepts the rest.
-    Init {
-        /// The database, `postgres://user:password@host:port/database`.
-        #[arg(long, env = "PG_URL", hide_env_values = true)]
-        url: String,
-        /// Only these schemas (repeat the flag); default: every schema but
-        /// the system ones.
-        #[arg(long = "schema")]
-        schemas: Vec<String>,
-        /// Where to write `pipeline.yaml` and `mappings/`.
-        #[arg(long, default_value = "unilog")]
-        out: PathBuf,
-        /// The pipeline's name (names the slot and publication).
-        #[arg(long, default_value = "legacy")]
-        name: String,
-        /// Put before every topic name (`legacy.` gives `legacy.public.users`).
-        #[arg(long, default_value = "")]
-        topic_prefix: String,
-        /// Overwrite files that exist.
-        #[arg(long)]
-        force: bool,
-    },
+    Init(unilog::init::InitOptions),
     /// Show a pipeline's delivered position: for PostgreSQL its replication
     /// slot, lag and retained WAL; for MongoDB its copy progress and
     /// cluster time.
@@ -176,36 +156,19 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Init {
-                url,
-                schemas,
-                out,
-                name,
-                topic_prefix,
-                force,
-            } => {
-                let opts = unilog::init::InitOptions {
-                    url,
-                    schemas,
-                    out,
-                    name,
-                    topic_prefix,
-                    force,
-                };
-                match unilog::init::init(&opts).await {
-                    Ok(report) => {
-                        print!("{}", unilog::init::summary(&report));
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        ExitCode::from(match e {
-                            unilog::init::InitError::Usage(_) => 2,
-                            _ => 1,
-                        })
-                    }
+            Command::Init(opts) => match unilog::init::init(&opts).await {
+                Ok(report) => {
+                    print!("{}", unilog::init::summary(&report));
+                    ExitCode::SUCCESS
                 }
-            }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::from(match e {
+                        unilog::init::InitError::Usage(_) => 2,
+                        _ => 1,
+                    })
+                }
+            },
             Command::Status { config, json } => match status(config, json).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -614,24 +577,20 @@ async fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
     };
     // Published tables whose app UPDATE and DELETE PostgreSQL now refuses
     // (a replica identity lost, a new partition without one).
-    let no_identity: Vec<String> = client
-        .query(
-            "WITH p AS (SELECT oid FROM pg_publication WHERE pubname = $1 AND (pubupdate OR pubdelete)),
-                  rels AS (SELECT r.prrelid AS oid FROM pg_publication_rel r JOIN p ON r.prpubid = p.oid),
-                  leaves AS (SELECT t.relid AS oid FROM rels, pg_partition_tree(rels.oid) t WHERE t.isleaf)
-             SELECT DISTINCT format('%s.%s', n.nspname, c.relname)
-             FROM leaves l JOIN pg_class c ON c.oid = l.oid JOIN pg_namespace n ON n.oid = c.relnamespace
-             WHERE c.relkind = 'r' AND (c.relreplident = 'n'
-                OR (c.relreplident = 'd' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary))
-                OR (c.relreplident = 'i' AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident)))
-             ORDER BY 1",
+    let no_identity: Vec<String> = match client
+        .query_opt(
+            "SELECT oid::int8 FROM pg_publication WHERE pubname = $1 AND (pubupdate OR pubdelete)",
             &[&cfg.publication()],
         )
         .await
-        .context("reading the replica identities of the published tables")?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+        .context("reading pg_publication")?
+    {
+        Some(row) => {
+            let oid = u32::try_from(row.get::<_, i64>(0)).unwrap_or_default();
+            unilog::sources::pg_logical::publication::members_without_identity(&client, oid).await?
+        }
+        None => Vec::new(),
+    };
     let topics = topics(&cfg).await?;
     let snapshot_complete = state.snapshot_complete && state.slot == slot;
     if json {

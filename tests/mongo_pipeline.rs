@@ -593,7 +593,17 @@ async fn exactly_once_across_sigkills(mode: &str) {
         let id = r.headers["unilog.dedup_id"].as_str();
         if let Some(prev) = by_id.insert(id, &r.payload) {
             repeats += 1;
-            assert_eq!(prev, r.payload.as_slice(), "dedup id {id} with other bytes");
+            // The oplog mode looks an update's document up when it reads
+            // the change, so a change read again after a kill can show a
+            // newer document: same id and kind, other field values.
+            if prev != r.payload.as_slice() {
+                assert!(
+                    mode == "oplog"
+                        && r.headers.get("unilog.event_type").map(String::as_str)
+                            == Some("UserChanged"),
+                    "dedup id {id} with other bytes"
+                );
+            }
         }
     }
     assert_eq!(by_id.len(), written, "changes lost\n{log}");

@@ -73,6 +73,19 @@ async fn assert_app_writes_work(db: &TestDb) {
     }
 }
 
+/// Starts `fx`'s pipeline in this process and waits until it streams.
+async fn streaming(fx: &Fixture, db: &TestDb) -> Running {
+    let run = Running::start(fx);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    run
+}
+
+/// `unilog check` accepts `fx`.
+fn check_passes(fx: &Fixture) {
+    let (code, err) = unilog("check", fx);
+    assert_eq!(code, Some(0), "{err}");
+}
+
 /// Runs `unilog <cmd>` and returns (exit code, stderr).
 fn unilog(cmd: &str, fx: &Fixture) -> (Option<i32>, String) {
     let out = unilog_output(&[cmd], &fx.config);
@@ -109,10 +122,8 @@ async fn a_partitioned_table_publishes_every_partition_under_its_own_name() {
         &[("orders.yaml", mapping("orders", &topic, ""))],
         "",
     );
-    let (code, err) = unilog("check", &fx);
-    assert_eq!(code, Some(0), "{err}");
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    check_passes(&fx);
+    let run = streaming(&fx, &db).await;
     db.client
         .batch_execute(
             "INSERT INTO orders VALUES (4, 'eu', 1), (5, 'us', 2), (6, 'br', 3);
@@ -257,8 +268,7 @@ async fn a_keyless_table_is_refused_with_the_ways_out_and_the_app_keeps_writing(
     ] {
         assert!(report.contains(needle), "check report lacks {needle:?}:\n{report}");
     }
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     assert_app_writes_work(&db).await;
     db.client
         .batch_execute(
@@ -407,10 +417,8 @@ async fn an_inheritance_parent_covers_its_children_and_new_ones() {
         &[("events.yaml", mapping("events", &topic, ""))],
         "",
     );
-    let (code, err) = unilog("check", &fx);
-    assert_eq!(code, Some(0), "{err}");
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    check_passes(&fx);
+    let run = streaming(&fx, &db).await;
     db.client
         .batch_execute(
             "INSERT INTO events VALUES (3, '2026-11-20', 'c'), (4, '2026-12-24', 'd');
@@ -566,8 +574,7 @@ async fn every_type_decodes_the_same_in_the_snapshot_and_the_stream() {
         ),
         "{report}"
     );
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     db.client
         .batch_execute(&format!(
             "INSERT INTO every_type ({cols}) VALUES (2, {EVERY_TYPE_VALUES});
@@ -704,8 +711,7 @@ async fn odd_names_get_valid_avro_names_and_a_default_topic() {
     std::fs::remove_file(fx.dir.path().join("clash.yaml")).unwrap();
     let text = std::fs::read_to_string(&fx.config).unwrap();
     std::fs::write(&fx.config, text.replace("  - clash.yaml\n", "")).unwrap();
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     db.client
         .batch_execute(
             "UPDATE \"Legacy App\".\"Order Items.v2\" SET \"naïve\" = 'm';
@@ -855,8 +861,7 @@ async fn what_would_publish_nothing_is_refused_with_the_sql() {
             && report.contains("publish_via_partition_root = true"),
         "{report}"
     );
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     db.client
         .batch_execute("INSERT INTO orders VALUES (1, 'eu'); DELETE FROM orders; INSERT INTO logs_2026 VALUES (1, now()); INSERT INTO logs VALUES (2, now());")
         .await
@@ -879,8 +884,7 @@ async fn what_would_publish_nothing_is_refused_with_the_sql() {
         &[("eu.yaml", mapping("orders_eu", &leaf_topic, ""))],
         "",
     );
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     db.client
         .batch_execute("INSERT INTO orders VALUES (7, 'eu'); UPDATE orders_eu SET id = 8;")
         .await
@@ -945,8 +949,7 @@ async fn a_new_partition_without_replica_identity_is_reported_or_given_one() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(report.contains("WARNING: the partitioned table has no primary key, so a partition created later starts without a replica identity"), "{report}");
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     db.client
         .batch_execute("CREATE TABLE metrics_b PARTITION OF metrics FOR VALUES FROM (100) TO (200)")
         .await
@@ -991,8 +994,7 @@ async fn a_new_partition_without_replica_identity_is_reported_or_given_one() {
         ),
     )
     .unwrap();
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     db.client
         .batch_execute("CREATE TABLE metrics_c PARTITION OF metrics FOR VALUES FROM (200) TO (300); INSERT INTO metrics VALUES (250, 1)")
         .await
@@ -1342,8 +1344,7 @@ async fn a_random_workload_across_partitions_children_and_keyless_tables_ends_in
         ),
     )
     .unwrap();
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     for round in 0..60 {
         if round == 20 {
             // A new child and a new partition while streaming.
@@ -1432,8 +1433,7 @@ async fn an_insert_only_mapping_on_a_slot_older_than_its_publication_is_refused(
         &[("users.yaml", mapping("users", &format!("it.u.{s}"), ""))],
         "",
     );
-    let run = Running::start(&fx);
-    db.wait_streaming(&fx.slot, WAIT).await;
+    let run = streaming(&fx, &db).await;
     run.stop().await;
     // The slot reads both publications, which exist from the first start.
     let state_path = fx.dir.path().join(format!("state/{}.json", fx.name));

@@ -93,6 +93,32 @@ def streaming(psql, admin, app):
     return rows and rows[0][0] != "0"
 
 
+def run_until_streaming(unilog, cfg, env, psql, admin, work, what):
+    """Starts `unilog run`, waits until its slot streams, stops it: (seconds from exec, peak RSS kB)."""
+    t = time.monotonic()
+    logf = os.path.join(work, f"{what}.log")
+    proc = subprocess.Popen([unilog, "run", "--config", cfg], env=dict(env, RUST_LOG="info", NO_COLOR="1"),
+                            stdout=subprocess.DEVNULL, stderr=open(logf, "w"))
+    peak = 0
+    try:
+        while not streaming(psql, admin, "unilog-unilog_wide"):
+            if proc.poll() is not None:
+                raise SystemExit(f"unilog run ({what}) exited {proc.returncode}: {open(logf).read()[-3000:]}")
+            peak = max(peak, peak_rss_kb(proc.pid) or 0)
+            if time.monotonic() - t > 600:
+                raise SystemExit(f"unilog run ({what}) did not stream within 600 s")
+            time.sleep(0.05)
+        took = time.monotonic() - t
+        time.sleep(2)
+        return took, max(peak, peak_rss_kb(proc.pid) or 0)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
 def main():
     ap = argparse.ArgumentParser(prog="scripts/bench --wide-schema", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,47 +171,12 @@ def main():
             raise SystemExit(f"unilog check failed: {out.stderr[-3000:]}")
         log(f"check: {result['check_s']:.2f} s")
         # run until streaming
-        t = time.monotonic()
-        proc = subprocess.Popen([unilog, "run", "--config", cfg], env=dict(run_env, RUST_LOG="info", NO_COLOR="1"),
-                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "run.log"), "w"))
-        peak = 0
-        try:
-            while not streaming(psql, admin, "unilog-unilog_wide"):
-                if proc.poll() is not None:
-                    raise SystemExit(f"unilog run exited {proc.returncode}: {open(os.path.join(work, 'run.log')).read()[-3000:]}")
-                peak = max(peak, peak_rss_kb(proc.pid) or 0)
-                if time.monotonic() - t > 600:
-                    raise SystemExit("unilog run did not stream within 600 s")
-                time.sleep(0.05)
-            result["run_to_streaming_s"] = time.monotonic() - t
-            time.sleep(2)
-            result["run_peak_rss_mb"] = max(peak, peak_rss_kb(proc.pid) or 0) / 1024
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        result["run_to_streaming_s"], peak = run_until_streaming(unilog, cfg, run_env, psql, admin, work, "run")
+        result["run_peak_rss_mb"] = peak / 1024
         log(f"run: streaming after {result['run_to_streaming_s']:.2f} s, peak RSS {result['run_peak_rss_mb']:.0f} MB")
         # A restart: schemas registered, slot and publication there, no snapshot.
         time.sleep(1)
-        t = time.monotonic()
-        proc = subprocess.Popen([unilog, "run", "--config", cfg], env=dict(run_env, RUST_LOG="info", NO_COLOR="1"),
-                                stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "restart.log"), "w"))
-        try:
-            while not streaming(psql, admin, "unilog-unilog_wide"):
-                if proc.poll() is not None:
-                    raise SystemExit(f"unilog run (restart) exited {proc.returncode}")
-                if time.monotonic() - t > 600:
-                    raise SystemExit("unilog run (restart) did not stream within 600 s")
-                time.sleep(0.05)
-            result["restart_to_streaming_s"] = time.monotonic() - t
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        result["restart_to_streaming_s"], _ = run_until_streaming(unilog, cfg, run_env, psql, admin, work, "restart")
         log(f"restart: streaming after {result['restart_to_streaming_s']:.2f} s")
         # Where the first start's time went: registering each new subject.
         t = time.monotonic()

@@ -403,13 +403,7 @@ impl Mapper {
         let Some(rule) = self.rules.get_mut(&ev.table.qualified()) else {
             return Ok(false);
         };
-        if !rule
-            .positions
-            .as_ref()
-            .is_some_and(|p| Arc::ptr_eq(&p.table, &ev.table))
-        {
-            rule.positions = Some(positions(rule, &ev.table)?);
-        }
+        ensure_positions(rule, &ev.table)?;
         let Some(pos) = rule.positions.as_ref() else {
             return Ok(false);
         };
@@ -480,13 +474,7 @@ impl Mapper {
                         .into(),
             });
         };
-        if !rule
-            .positions
-            .as_ref()
-            .is_some_and(|p| Arc::ptr_eq(&p.table, &ev.table))
-        {
-            rule.positions = Some(positions(rule, &ev.table)?);
-        }
+        ensure_positions(rule, &ev.table)?;
         let Some(pos) = rule.positions.as_ref() else {
             return Ok(None);
         };
@@ -845,6 +833,19 @@ async fn register_subject(
             source => reg_err(source),
         })?;
     Ok(Some(id))
+}
+
+/// Computes the rule's column positions in `table` again when the table
+/// (its `Arc`) is not the one they were computed for.
+fn ensure_positions(rule: &mut TableRule, table: &Arc<TableInfo>) -> Result<(), MappingError> {
+    if !rule
+        .positions
+        .as_ref()
+        .is_some_and(|p| Arc::ptr_eq(&p.table, table))
+    {
+        rule.positions = Some(positions(rule, table)?);
+    }
+    Ok(())
 }
 
 fn positions(rule: &TableRule, table: &Arc<TableInfo>) -> Result<Positions, MappingError> {

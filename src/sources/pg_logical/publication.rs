@@ -104,8 +104,10 @@ fn apply(
 }
 
 /// The tables with storage listed in a publication (partitions of the
-/// partitioned ones included) that have no usable replica identity.
-async fn members_without_identity(
+/// partitioned ones included) that have no usable replica identity: if the
+/// publication publishes updates or deletes, the app's UPDATE and DELETE
+/// on them fail.
+pub async fn members_without_identity(
     client: &Client,
     publication_oid: u32,
 ) -> Result<Vec<String>, PgError> {

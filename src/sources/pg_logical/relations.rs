@@ -182,36 +182,43 @@ impl Relation {
     }
 }
 
-const FACTS_SQL: &str = "
-SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relpersistence::text,
-       c.relreplident::text, c.relispartition,
-       pk.name, pk.cols, ri.name, ri.cols, cand.name, cand.cols
-FROM pg_class c
-JOIN pg_namespace n ON n.oid = c.relnamespace
-LEFT JOIN LATERAL (
-  SELECT ic.relname::text AS name,
-         ARRAY(SELECT a.attname::text FROM generate_series(0, i.indnkeyatts - 1) s(k)
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[s.k] ORDER BY s.k) AS cols
-  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-  WHERE i.indrelid = c.oid AND i.indisprimary) pk ON true
-LEFT JOIN LATERAL (
-  SELECT ic.relname::text AS name,
-         ARRAY(SELECT a.attname::text FROM generate_series(0, i.indnkeyatts - 1) s(k)
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[s.k] ORDER BY s.k) AS cols
-  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-  WHERE i.indrelid = c.oid AND i.indisreplident) ri ON true
-LEFT JOIN LATERAL (
-  SELECT ic.relname::text AS name,
-         ARRAY(SELECT a.attname::text FROM generate_series(0, i.indnkeyatts - 1) s(k)
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[s.k] ORDER BY s.k) AS cols
-  FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
-  WHERE i.indrelid = c.oid AND i.indisunique AND i.indimmediate AND i.indisvalid
-    AND i.indpred IS NULL AND i.indexprs IS NULL
-    AND NOT EXISTS (SELECT 1 FROM generate_series(0, i.indnkeyatts - 1) s(k)
-                    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[s.k]
-                    WHERE NOT a.attnotnull)
-  ORDER BY i.indisprimary DESC, i.indnkeyatts, ic.relname LIMIT 1) cand ON true
-WHERE c.oid = ANY($1::int8[]::oid[])";
+/// The key columns of index `i`, in order (INCLUDE columns left out).
+const INDEX_COLUMNS: &str =
+    "ARRAY(SELECT a.attname::text FROM generate_series(0, i.indnkeyatts - 1) s(k)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[s.k] ORDER BY s.k)";
+
+/// The facts of the relations whose OIDs are `$1`: kind, persistence,
+/// replica identity, and three indexes (primary key, replica identity
+/// index, and the best unique index `REPLICA IDENTITY USING INDEX` takes).
+fn facts_sql() -> String {
+    let index = |filter: &str, order: &str| {
+        format!(
+            "SELECT ic.relname::text AS name, {INDEX_COLUMNS} AS cols
+             FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+             WHERE i.indrelid = c.oid AND {filter} {order}"
+        )
+    };
+    format!(
+        "SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relkind::text, c.relpersistence::text,
+                c.relreplident::text, c.relispartition,
+                pk.name, pk.cols, ri.name, ri.cols, cand.name, cand.cols
+         FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         LEFT JOIN LATERAL ({}) pk ON true
+         LEFT JOIN LATERAL ({}) ri ON true
+         LEFT JOIN LATERAL ({}) cand ON true
+         WHERE c.oid = ANY($1::int8[]::oid[])",
+        index("i.indisprimary", ""),
+        index("i.indisreplident", ""),
+        index(
+            "i.indisunique AND i.indimmediate AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+             AND NOT EXISTS (SELECT 1 FROM generate_series(0, i.indnkeyatts - 1) s(k)
+                             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[s.k]
+                             WHERE NOT a.attnotnull)",
+            "ORDER BY i.indisprimary DESC, i.indnkeyatts, ic.relname LIMIT 1"
+        ),
+    )
+}
 
 const DESCENDANTS_SQL: &str = "
 WITH RECURSIVE d(oid, depth) AS (
@@ -234,7 +241,7 @@ pub async fn physical_facts(
     oids: &[u32],
 ) -> Result<Vec<Physical>, tokio_postgres::Error> {
     let ids: Vec<i64> = oids.iter().map(|&o| i64::from(o)).collect();
-    let rows = client.query(FACTS_SQL, &[&ids]).await?;
+    let rows = client.query(&facts_sql(), &[&ids]).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let pk = index(r.get(7), r.get(8));
