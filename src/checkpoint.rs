@@ -140,6 +140,8 @@ pub enum CheckpointError {
     Io { path: PathBuf, reason: String },
     #[error("checkpoint {path} would move backward from {from} to {to}; refusing")]
     Backward { path: PathBuf, from: Lsn, to: Lsn },
+    #[error("this pipeline is already running ({holder}; lock {path}): stop that process first, or give this one another `name` or `state_dir`; one pipeline runs in one process")]
+    Locked { path: PathBuf, holder: String },
 }
 
 /// Storage for a pipeline's checkpoint.
@@ -148,6 +150,69 @@ pub trait CheckpointStore {
     fn load(&self) -> Result<PgCheckpoint, CheckpointError>;
     /// Saves `state`; refuses to move `delivered_lsn` backward for the same slot.
     fn commit(&mut self, state: &PgCheckpoint) -> Result<(), CheckpointError>;
+}
+
+/// One process per pipeline: an exclusive lock on `<dir>/<name>.lock`,
+/// held for the life of the process (the system releases it when the
+/// process ends, `kill -9` included). A second `unilog run` (or `join`) of
+/// the same pipeline on the same state folder is refused at once, naming
+/// the process that holds it, instead of tailing the same stream and
+/// writing the same state files.
+#[derive(Debug)]
+pub struct ProcessLock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl ProcessLock {
+    /// Takes the lock of pipeline `name` in `dir`.
+    pub fn acquire(dir: &Path, name: &str) -> Result<ProcessLock, CheckpointError> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(format!("{name}.lock"));
+        let io = |reason: String| CheckpointError::Io {
+            path: path.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(e.to_string()))?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io(e.to_string()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                return Err(CheckpointError::Locked {
+                    path: path.clone(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e.to_string())),
+        }
+        file.set_len(0).map_err(|e| io(e.to_string()))?;
+        file.rewind().map_err(|e| io(e.to_string()))?;
+        let me = format!(
+            "pid {} on {}, since {}",
+            std::process::id(),
+            std::fs::read_to_string("/etc/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "this host".into()),
+            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ")
+        );
+        file.write_all(me.as_bytes())
+            .and_then(|()| file.flush())
+            .map_err(|e| io(e.to_string()))?;
+        Ok(ProcessLock { _file: file, path })
+    }
+
+    /// Where the lock is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
 }
 
 /// A JSON file per pipeline.

@@ -456,6 +456,10 @@ pub struct KafkaConfig {
     pub exactly_once: bool,
     /// The compacted topic of committed positions; default `unilog.<name>.progress`.
     pub progress_topic: Option<String>,
+    /// The largest event (value, key and headers) unilog hands to Kafka;
+    /// a larger one goes to the dead-letter topic. Default: the smallest of
+    /// the producer's `message.max.bytes` and the topics' `max.message.bytes`.
+    pub max_event_bytes: Option<usize>,
 }
 
 fn default_partitions() -> i32 {

@@ -261,7 +261,15 @@ async fn run(config: PathBuf) -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "pipeline stopped");
                 unilog::telemetry::health().failed(&cfg.config.name, &e.to_string());
-                record_error(&cfg, &e.to_string());
+                // The state belongs to the process that holds the lock.
+                if !matches!(
+                    e,
+                    pipeline::PipelineError::State(
+                        unilog::checkpoint::CheckpointError::Locked { .. }
+                    )
+                ) {
+                    record_error(&cfg, &e.to_string());
+                }
                 eprintln!("error: {e}");
                 return ExitCode::from(1);
             }

@@ -25,7 +25,9 @@ use crate::event::{ChangeEvent, Lsn, Op, SeqKey, SourceKind, TableInfo};
 use crate::mapping::registry::RegistryClient;
 use crate::mapping::spec::LoadedMapping;
 use crate::mapping::{dedup_id, DomainEvent, Mapper, MappingError};
-use crate::sinks::kafka::{ensure_progress_topic, ensure_topics, read_last, KafkaSink};
+use crate::sinks::kafka::{
+    ensure_progress_topic, ensure_topics, event_limit, read_last, EventLimit, KafkaSink,
+};
 use crate::sinks::{ProgressRecord, Sink, SinkError};
 use crate::sources::mongo_oplog::{cluster_time_text, MongoError, MongoSource};
 use crate::sources::pg_logical::{connect_plain, safety, PgError, PgSettings, PgSource};
@@ -47,6 +49,10 @@ pub enum PipelineError {
     Sink(#[from] SinkError),
     #[error("{}", problems_text(.0))]
     Many(Vec<String>),
+    /// Local state: the process lock above all (another process runs this
+    /// pipeline).
+    #[error(transparent)]
+    State(#[from] crate::checkpoint::CheckpointError),
 }
 
 impl PipelineError {
@@ -59,7 +65,7 @@ impl PipelineError {
             PipelineError::Mongo(e) => e.is_transient(),
             PipelineError::Sink(e) => e.is_transient(),
             PipelineError::Mapping(e) => e.is_transient(),
-            PipelineError::Config(_) | PipelineError::Many(_) => false,
+            PipelineError::Config(_) | PipelineError::Many(_) | PipelineError::State(_) => false,
         }
     }
 }
@@ -179,6 +185,8 @@ struct Publisher<'a, K: Sink, P> {
     quarantined: HashMap<String, (Arc<TableInfo>, String)>,
     /// Set for exactly-once delivery.
     exactly_once: Option<ExactlyOnce>,
+    /// The largest event Kafka takes; larger ones are dead letters.
+    limit: EventLimit,
     stats: RunStats,
 }
 
@@ -190,16 +198,51 @@ impl<K: Sink, P: std::fmt::Display + Send + 'static> Publisher<'_, K, P> {
         out: &mut Vec<DomainEvent>,
     ) -> Result<usize, PipelineError> {
         let before = out.len();
-        match self.mapper.map_into(ev, out) {
+        let mapped = self
+            .mapper
+            .map_into(ev, out)
+            .and_then(|n| self.check_sizes(ev, &out[before..]).map(|()| n));
+        match mapped {
             Ok(n) => Ok(n),
             Err(e) if e.is_definite() && self.dead_letter.is_some() => {
                 out.truncate(before);
                 let topic = self.dead_letter.clone().unwrap_or_else(|| Arc::from(""));
                 out.push(self.dead_letter_of(ev, topic, &e.to_string()));
+                if let MappingError::TooLarge { key, size, .. } = &e {
+                    if let Some(body) = out.last_mut().and_then(|d| d.payload.as_mut()) {
+                        if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(body) {
+                            v["key"] = key.clone().into();
+                            v["size_bytes"] = (*size).into();
+                            *body = v.to_string().into_bytes();
+                        }
+                    }
+                }
                 Ok(1)
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// An event larger than Kafka accepts is refused here, before the sink
+    /// (where the producer or the broker would refuse it for good).
+    fn check_sizes(&self, ev: &ChangeEvent, records: &[DomainEvent]) -> Result<(), MappingError> {
+        for d in records {
+            let size = crate::sinks::kafka::record_size(d);
+            if size > self.limit.bytes {
+                return Err(MappingError::TooLarge {
+                    table: ev.table.qualified(),
+                    key: d
+                        .key
+                        .as_deref()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .unwrap_or_default(),
+                    size,
+                    limit: self.limit.bytes,
+                    from: self.limit.from.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The dead letter of a change: JSON with where it came from and `error`,
@@ -701,11 +744,32 @@ pub async fn check(cfg: &LoadedConfig) -> Result<Vec<String>, PipelineError> {
         cfg.config.kafka.brokers,
         topics.join(", ")
     ));
+    let kafka = &cfg.config.kafka;
+    let limit = event_limit(
+        &kafka.brokers,
+        &kafka.properties,
+        &topics,
+        kafka.max_event_bytes,
+    )
+    .await;
+    report.push(format!(
+        "kafka: events larger than {} bytes ({}) are {}",
+        limit.bytes,
+        limit.from,
+        if cfg.config.on_bad_row == BadRowPolicy::DeadLetter {
+            "sent to the dead-letter topic with their table, key and size"
+        } else {
+            "refused: the pipeline stops on them (on_bad_row: stop)"
+        }
+    ));
     Ok(report)
 }
 
 /// Connects the Kafka sink and creates the topics events go to.
-async fn open_sink(cfg: &LoadedConfig, mapper: &Mapper) -> Result<KafkaSink, PipelineError> {
+async fn open_sink(
+    cfg: &LoadedConfig,
+    mapper: &Mapper,
+) -> Result<(KafkaSink, EventLimit), PipelineError> {
     let kafka = &cfg.config.kafka;
     let sink = KafkaSink::new(&kafka.brokers, &kafka.properties)?;
     sink.check_connection(Duration::from_secs(10)).await?;
@@ -732,7 +796,15 @@ async fn open_sink(cfg: &LoadedConfig, mapper: &Mapper) -> Result<KafkaSink, Pip
         kafka.replication_factor,
     )
     .await?;
-    Ok(sink)
+    let limit = event_limit(
+        &kafka.brokers,
+        &kafka.properties,
+        &mapper.topics(),
+        kafka.max_event_bytes,
+    )
+    .await;
+    tracing::info!(bytes = limit.bytes, from = %limit.from, "events larger than this are not handed to Kafka (dead letter, or stop with on_bad_row: stop)");
+    Ok((sink, limit))
 }
 
 /// With `kafka.exactly_once`, the transactional producer
@@ -754,6 +826,7 @@ fn publisher<'a, K: Sink, P>(
     sink: &'a K,
     registry: &'a RegistryClient,
     mapper: &'a mut Mapper,
+    limit: EventLimit,
 ) -> Publisher<'a, K, P> {
     Publisher {
         pipeline: cfg.config.name.clone(),
@@ -773,6 +846,7 @@ fn publisher<'a, K: Sink, P>(
             key: cfg.config.name.clone().into_bytes(),
             committed: Progress::default(),
         }),
+        limit,
         stats: RunStats::default(),
     }
 }
@@ -781,6 +855,8 @@ fn publisher<'a, K: Sink, P>(
 pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, PipelineError> {
     let name = cfg.config.name.clone();
     health().set_phase(&name, Phase::Starting);
+    // One process per pipeline; held until this function returns.
+    let _lock = crate::checkpoint::ProcessLock::acquire(&cfg.state_dir(), &name)?;
     let mut report = Vec::new();
     let mappings = load_mappings(cfg)?;
     report.push(format!(
@@ -796,11 +872,11 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
             for line in &report {
                 tracing::info!("{line}");
             }
-            let sink = open_sink(cfg, &mapper).await?;
+            let (sink, limit) = open_sink(cfg, &mapper).await?;
             // Exactly once: the transactional producer also fences an
             // older process of this pipeline that is still running.
             let sink = transactional_if_asked(cfg, sink).await?;
-            let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
+            let mut publisher = publisher(cfg, &sink, &registry, &mut mapper, limit);
             if let Some(eo) = publisher.exactly_once.as_mut() {
                 // The state file may lag the progress topic by the batches
                 // in flight at a crash: changes up to the committed one
@@ -836,14 +912,14 @@ async fn run_pg(
     for line in &report {
         tracing::info!("{line}");
     }
-    let sink = open_sink(cfg, &mapper).await?;
+    let (sink, limit) = open_sink(cfg, &mapper).await?;
     let batch = &cfg.config.batch;
     let opened = source.open(&tables).await?;
     // Exactly once: the transactional producer fences any other producer
     // of this pipeline, so it starts only once this process got the slot
     // (a second process stops at "slot in use" without fencing the first).
     let sink = transactional_if_asked(cfg, sink).await?;
-    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper);
+    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper, limit);
 
     if let Some(mut snap) = opened {
         health().set_phase(&name, Phase::Snapshot);

@@ -752,3 +752,68 @@ async fn two_mappings_on_one_topic_are_refused() {
     assert_nothing_written(&db).await;
     db.cleanup().await;
 }
+
+/// One pipeline, one process: a second `unilog run` of a running pipeline
+/// is refused within seconds, naming the first, whether it shares the
+/// state folder (the lock) or only the slot (which goes on acknowledging).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_run_of_a_running_pipeline_is_refused_naming_the_first() {
+    let stack = Stack::from_env();
+    let topic = format!("it.bad.{}", suffix());
+    let (db, fx) = db_with(&stack, ITEMS_DDL, &[("items.yaml", items_mapping(&topic))]).await;
+    let run = Running::start(&fx);
+    db.wait_streaming(&fx.slot, Duration::from_secs(120)).await;
+    let out = expect(
+        "run",
+        &fx.config,
+        1,
+        &[
+            "this pipeline is already running (pid ",
+            "stop that process first, or give this one another `name` or `state_dir`",
+        ],
+    )
+    .await;
+    assert!(
+        out.contains(&format!("pid {}", std::process::id())),
+        "{out}"
+    );
+    // The same pipeline with another state folder: `run` names the slot's
+    // holder and retries while it could be a client that died and that the
+    // server has not let go of yet; after wal_sender_timeout (+10 s) it
+    // refuses (not waited for here: 70 s).
+    let other = fx.config.with_file_name("other.yaml");
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&fx.config)
+            .unwrap()
+            .replace("state_dir: state", "state_dir: other-state"),
+    )
+    .unwrap();
+    let holder = format!("application_name unilog-{}", fx.slot);
+    run_waits(
+        &other,
+        Duration::from_secs(8),
+        &[
+            "is held by server process",
+            &holder,
+            "refusing if it still holds it after 70 s",
+        ],
+    )
+    .await;
+    // The first goes on, unharmed.
+    db.client
+        .batch_execute("INSERT INTO items VALUES (1, 'after')")
+        .await
+        .unwrap();
+    let records = consume(
+        &stack.brokers,
+        &topic,
+        1,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(records.len(), 1);
+    run.stop().await;
+    db.cleanup().await;
+}

@@ -128,3 +128,87 @@ async fn with_on_bad_row_stop_the_pipeline_stops_with_the_reason() {
     );
     db.cleanup().await;
 }
+
+/// A 3 MB row (above the producer's and the broker's 1 MB limit) followed
+/// by ordinary rows: the large one is a dead letter naming table, key and
+/// size, the others arrive, and the pipeline never fails or restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_too_large_event_is_a_dead_letter_and_the_rows_after_it_arrive() {
+    let stack = Stack::from_env();
+    let db = TestDb::create(&stack).await;
+    db.client
+        .batch_execute("CREATE TABLE docs (id bigint PRIMARY KEY, body text, meta jsonb);")
+        .await
+        .unwrap();
+    let topic = format!("it.docs.{}", suffix());
+    let dlq = format!("it.dlq.{}", suffix());
+    let fx = Fixture::new(
+        &stack,
+        &db,
+        &[(
+            "docs.yaml",
+            format!("table: docs\ntopic: {topic}\nevents: {{insert: DocAdded, update: DocChanged, delete: DocRemoved}}\n"),
+        )],
+        &format!("dead_letter_topic: {dlq}\n"),
+    );
+    let check = unilog_output(&["check"], &fx.config);
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        report.contains("kafka: events larger than 1000000 bytes (the producer's message.max.bytes) are sent to the dead-letter topic"),
+        "{report}"
+    );
+    let run = Running::start(&fx);
+    db.wait_streaming(&fx.slot, WAIT).await;
+    db.client
+        .batch_execute(
+            "INSERT INTO docs VALUES (1, repeat('x', 3000000), jsonb_build_object('big', repeat('y', 100)));
+             INSERT INTO docs VALUES (2, 'small', '{}'), (3, 'small too', '{}');
+             UPDATE docs SET body = 'now small' WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    let records = consume(&stack.brokers, &topic, 3, Duration::from_secs(2), WAIT).await;
+    let letters = consume(&stack.brokers, &dlq, 1, Duration::from_secs(2), WAIT).await;
+    let stats = run.stop().await;
+    let mut dec = Decoder::new(&stack.registry);
+    let got: Vec<(String, i64)> = decode_all(&mut dec, &records)
+        .await
+        .iter()
+        .map(|e| {
+            (
+                e["op"].as_str().unwrap_or_default().to_string(),
+                e["after"]["id"].as_i64().unwrap_or(-1),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("insert".to_string(), 2),
+            ("insert".to_string(), 3),
+            ("update".to_string(), 1)
+        ],
+        "the rows after the large one arrive"
+    );
+    assert_eq!(stats.dead_lettered, 1);
+    assert_eq!(letters.len(), 1);
+    let body: Json = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(body["table"], "public.docs");
+    assert_eq!(body["key"], "1");
+    assert!(
+        body["size_bytes"].as_u64().is_some_and(|s| s > 3_000_000),
+        "{body}"
+    );
+    let why = body["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(
+            "more than the 1000000 bytes Kafka accepts (the producer's message.max.bytes)"
+        ),
+        "{why}"
+    );
+    assert!(
+        !body.to_string().contains("xxxx"),
+        "row values stay out of dead letters"
+    );
+    db.cleanup().await;
+}

@@ -653,3 +653,38 @@ async fn one_to_one_on_the_message_key() {
     assert!(l["1"].as_ref().unwrap().get("profile_count").is_none());
     j.stop().await;
 }
+
+/// One process per state folder: a second `unilog join` of a running
+/// joiner would empty its store; it is refused at once, naming the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_joiner_on_the_same_state_folder_is_refused() {
+    let stack = Stack::from_env();
+    let (t, mut users, _conns) = inputs(&stack, 3, 3).await;
+    users.upsert("1", "insert", user(1, "Ada")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(
+        dir.path(),
+        &stack,
+        &t,
+        &format!("j_{}", suffix()),
+        "state",
+        "",
+    );
+    let j = Running::start(&path);
+    wait_for(&stack, &t.out, "first join", |l| l.contains_key("1")).await;
+    let out = std::process::Command::new(support::unilog_bin())
+        .args(["join", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "this pipeline is already running (pid {}",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    j.stop().await;
+}

@@ -1017,3 +1017,51 @@ async fn mongo_crash_test() {
     }
     fx.cleanup().await;
 }
+
+/// One pipeline, one process: a second `unilog run` of a running MongoDB
+/// pipeline is refused at once, naming the first, and the first goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_run_of_a_running_mongo_pipeline_is_refused() {
+    let stack = Stack::from_env();
+    let fx = MongoFixture::new(&stack, "change_streams", "", "").await;
+    let run = fx.start();
+    // Wait until the first streams (its copy of an empty collection is quick).
+    fx.users().insert_one(user(1)).await.unwrap();
+    let first = consume(
+        &stack.brokers,
+        &fx.topic,
+        1,
+        Duration::from_secs(1),
+        TIMEOUT,
+    )
+    .await;
+    assert_eq!(first.len(), 1);
+    let started = std::time::Instant::now();
+    let out = support::unilog_output(&["run"], &fx.config);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!(
+            "this pipeline is already running (pid {}",
+            std::process::id()
+        )),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    fx.users().insert_one(user(2)).await.unwrap();
+    let after = consume(
+        &stack.brokers,
+        &fx.topic,
+        2,
+        Duration::from_secs(1),
+        TIMEOUT,
+    )
+    .await;
+    assert_eq!(after.len(), 2, "the first pipeline goes on");
+    run.stop().await;
+    fx.cleanup().await;
+}

@@ -82,8 +82,9 @@ impl IndexError {
             IndexError::Search(e) => e.is_transient(),
             IndexError::Registry(e) => e.is_transient(),
             IndexError::Codec { source, .. } => source.is_transient(),
-            IndexError::Kafka { .. } | IndexError::GaveUp { .. } => true,
-            IndexError::Config(_) | IndexError::Usage(_) => false,
+            IndexError::Kafka { .. } => true,
+            // retry.max_attempts is spent: stop, as the setting says.
+            IndexError::GaveUp { .. } | IndexError::Config(_) | IndexError::Usage(_) => false,
         }
     }
 }

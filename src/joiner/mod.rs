@@ -97,6 +97,10 @@ pub enum JoinError {
     Kafka { what: String, reason: String },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// One output record cannot be made (definite: the same input fails
+    /// the same way again); not a configuration error.
+    #[error("the output record of key {key} cannot be encoded: {reason}")]
+    Record { key: String, reason: String },
 }
 
 impl JoinError {
@@ -345,10 +349,21 @@ pub async fn run(
     stop: Arc<AtomicBool>,
 ) -> Result<JoinStats, JoinError> {
     let prep = prepare(&cfg).await?;
+    // One process per state folder (its store file would be emptied by a
+    // second one); held until the worker ends.
+    let state = cfg.state_file();
+    let lock = crate::checkpoint::ProcessLock::acquire(
+        state.parent().unwrap_or_else(|| std::path::Path::new(".")),
+        &format!("join-{}", cfg.config.name),
+    )
+    .map_err(|e| JoinError::Setup(e.to_string()))?;
     let handle = tokio::runtime::Handle::current();
-    tokio::task::spawn_blocking(move || Worker::new(cfg, prep, handle)?.run(&stop))
-        .await
-        .map_err(|e| JoinError::Setup(format!("the join thread failed: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        let _lock = lock;
+        Worker::new(cfg, prep, handle)?.run(&stop)
+    })
+    .await
+    .map_err(|e| JoinError::Setup(format!("the join thread failed: {e}")))?
 }
 
 /// Consumer context: records assignments for the worker to restore.
@@ -906,10 +921,9 @@ impl Worker {
                     apache_avro::writer::datum::GenericDatumWriter::builder(&self.prep.output)
                         .build()
                         .and_then(|w| w.write_value_to_vec(v))
-                        .map_err(|e| {
-                            JoinError::Setup(format!(
-                                "cannot encode the output record of key {key_text}: {e}"
-                            ))
+                        .map_err(|e| JoinError::Record {
+                            key: key_text.to_string(),
+                            reason: e.to_string(),
                         })?;
                 Some(frame(self.prep.output_id, &body))
             }

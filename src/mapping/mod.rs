@@ -85,6 +85,16 @@ publish to a new topic (for example `{topic_v2}`), or change the subject's compa
         op: &'static str,
         column: String,
     },
+    /// An event larger than Kafka accepts (checked before it is handed
+    /// over, so one large row never stops the pipeline).
+    #[error("table {table}, key {key}: the event is {size} bytes, more than the {limit} bytes Kafka accepts ({from}); it is not published. To publish such rows, raise the topic's max.message.bytes (and kafka.properties message.max.bytes), or leave the large column out of the mapping (`drop:`)")]
+    TooLarge {
+        table: String,
+        key: String,
+        size: usize,
+        limit: usize,
+        from: String,
+    },
     /// Several mappings refused at once (each with its file and line).
     #[error("{} problems found:\n{}", .0.len(), .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
     Many(Vec<MappingError>),
@@ -101,7 +111,9 @@ impl MappingError {
     pub fn is_definite(&self) -> bool {
         matches!(
             self,
-            MappingError::Encode { .. } | MappingError::MissingKey { .. }
+            MappingError::Encode { .. }
+                | MappingError::MissingKey { .. }
+                | MappingError::TooLarge { .. }
         )
     }
 }

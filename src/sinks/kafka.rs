@@ -301,6 +301,166 @@ impl KafkaSink {
     }
 }
 
+/// A failed produce or delivery, classified by its Kafka error code: a
+/// refusal that cannot change on a retry is [`SinkError::Definite`], with
+/// what to do; anything else is a transient [`SinkError::Delivery`].
+pub fn delivery_error(topic: &str, e: &KafkaError) -> SinkError {
+    let reason = e.to_string();
+    let definite = |advice: String| SinkError::Definite {
+        what: format!("topic {topic}"),
+        reason: reason.clone(),
+        advice,
+    };
+    match e.rdkafka_error_code() {
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::MessageBatchTooLarge
+            | RDKafkaErrorCode::InvalidMessageSize,
+        ) => definite("the record is larger than the producer's or the broker's limit: raise the topic's max.message.bytes (or the broker's message.max.bytes) and kafka.properties message.max.bytes, or set kafka.max_event_bytes to that limit so that larger events go to the dead-letter topic".to_string()),
+        Some(RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessage) => {
+            definite("the broker refuses the record as invalid (a policy of the topic, such as a compacted topic without a key)".into())
+        }
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed | RDKafkaErrorCode::ClusterAuthorizationFailed,
+        ) => definite(format!("the principal of kafka.properties may not write topic {topic}: grant it WRITE (and DESCRIBE) on the topic")),
+        Some(RDKafkaErrorCode::TransactionalIdAuthorizationFailed) => definite(
+            "the principal may not use the transactional id: grant it WRITE and DESCRIBE on the transactional id unilog-<name>".into(),
+        ),
+        Some(RDKafkaErrorCode::PolicyViolation) => {
+            definite("the broker's create or produce policy refuses it".into())
+        }
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+            | RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::TransactionCoordinatorFenced,
+        ) => definite(fenced_advice()),
+        _ => SinkError::Delivery {
+            topic: topic.to_string(),
+            reason,
+        },
+    }
+}
+
+fn fenced_advice() -> String {
+    "another producer with this pipeline's transactional id (unilog-<name>) started, which fences this one: another `unilog run` of the same pipeline is running; stop one of them (each pipeline runs in one process)".into()
+}
+
+/// A failed transaction call: fatal errors (a fenced producer above all)
+/// are definite; the rest are worth a restart.
+fn transaction_error(what: &str, e: &KafkaError) -> SinkError {
+    let fatal = matches!(e, KafkaError::Transaction(t) if t.is_fatal());
+    let fenced = matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+                | RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::TransactionCoordinatorFenced
+        )
+    );
+    if fenced || fatal {
+        SinkError::Definite {
+            what: format!("transaction ({what})"),
+            reason: e.to_string(),
+            advice: if fenced {
+                fenced_advice()
+            } else {
+                "the transactional producer hit a fatal error; check the broker's transaction settings".into()
+            },
+        }
+    } else {
+        SinkError::Transaction {
+            reason: format!("{what}: {e}"),
+        }
+    }
+}
+
+/// The largest event unilog hands to Kafka, and where the limit comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventLimit {
+    pub bytes: usize,
+    /// For messages: `kafka.max_event_bytes`, the producer's
+    /// `message.max.bytes`, or a topic's `max.message.bytes`.
+    pub from: String,
+}
+
+/// librdkafka's own `message.max.bytes` default.
+const PRODUCER_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
+/// What a record adds to its key and value on the wire (headers aside):
+/// librdkafka counts it against `message.max.bytes`.
+pub const RECORD_OVERHEAD_BYTES: usize = 128;
+
+/// The size of `ev` as librdkafka counts it against its limit (about).
+pub fn record_size(ev: &DomainEvent) -> usize {
+    ev.payload.as_ref().map_or(0, Vec::len)
+        + ev.key.as_ref().map_or(0, Vec::len)
+        + HEADER_EVENT_TYPE.len()
+        + ev.event_type.len()
+        + HEADER_DEDUP_ID.len()
+        + ev.dedup_id.len()
+        + RECORD_OVERHEAD_BYTES
+}
+
+/// The event limit for `topics`: `explicit` (`kafka.max_event_bytes`) if
+/// set, else the smallest of the producer's `message.max.bytes` and the
+/// topics' `max.message.bytes` as the brokers describe them (a broker that
+/// does not answer DescribeConfigs leaves the producer's limit).
+pub async fn event_limit(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    topics: &[String],
+    explicit: Option<usize>,
+) -> EventLimit {
+    if let Some(bytes) = explicit {
+        return EventLimit {
+            bytes,
+            from: "kafka.max_event_bytes".into(),
+        };
+    }
+    let producer = properties
+        .get("message.max.bytes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PRODUCER_MESSAGE_MAX_BYTES);
+    let mut limit = EventLimit {
+        bytes: producer,
+        from: "the producer's message.max.bytes".into(),
+    };
+    let Ok(admin) = base_config(brokers, properties).create::<AdminClient<DefaultClientContext>>()
+    else {
+        return limit;
+    };
+    let specs: Vec<rdkafka::admin::ResourceSpecifier<'_>> = topics
+        .iter()
+        .map(|t| rdkafka::admin::ResourceSpecifier::Topic(t))
+        .collect();
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+    let described = tokio::time::timeout(
+        Duration::from_secs(10),
+        admin.describe_configs(specs.iter(), &opts),
+    )
+    .await;
+    if let Ok(Ok(results)) = described {
+        for (topic, r) in topics.iter().zip(results) {
+            let Ok(resource) = r else { continue };
+            let bytes = resource
+                .entries
+                .iter()
+                .find(|e| e.name == "max.message.bytes")
+                .and_then(|e| e.value.as_deref())
+                .and_then(|v| v.parse::<usize>().ok());
+            if let Some(b) = bytes.filter(|b| *b < limit.bytes) {
+                limit = EventLimit {
+                    bytes: b,
+                    from: format!("topic {topic}'s max.message.bytes"),
+                };
+            }
+        }
+    }
+    limit
+}
+
 /// Creates `topics` that do not exist yet.
 pub async fn ensure_topics(
     brokers: &str,
@@ -362,12 +522,7 @@ impl KafkaSink {
                     record = back;
                     tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                Err((e, _)) => {
-                    return Err(SinkError::Delivery {
-                        topic: topic.to_string(),
-                        reason: e.to_string(),
-                    })
-                }
+                Err((e, _)) => return Err(delivery_error(topic, &e)),
             }
         }
     }
@@ -386,9 +541,7 @@ impl KafkaSink {
             .map_err(|e| SinkError::Transaction {
                 reason: format!("{what}: {e}"),
             })?
-            .map_err(|e| SinkError::Transaction {
-                reason: format!("{what}: {e}"),
-            })
+            .map_err(|e| transaction_error(what, &e))
     }
 }
 
@@ -398,12 +551,7 @@ async fn wait_all(pending: Vec<(DeliveryFuture, Arc<str>)>) -> Result<(), SinkEr
     for (res, topic) in join_all(futs).await.into_iter().zip(topics) {
         match res {
             Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => {
-                return Err(SinkError::Delivery {
-                    topic: topic.to_string(),
-                    reason: e.to_string(),
-                })
-            }
+            Ok(Err((e, _))) => return Err(delivery_error(&topic, &e)),
             Err(_) => {
                 return Err(SinkError::Delivery {
                     topic: topic.to_string(),
@@ -428,9 +576,7 @@ impl Sink for KafkaSink {
     ) -> Result<(), SinkError> {
         self.producer
             .begin_transaction()
-            .map_err(|e| SinkError::Transaction {
-                reason: format!("begin: {e}"),
-            })?;
+            .map_err(|e| transaction_error("begin", &e))?;
         let result = async {
             // The events first, and only once the broker has them all, the
             // progress record: on a broker that shows records of aborted

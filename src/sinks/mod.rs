@@ -31,6 +31,14 @@ pub enum SinkError {
     Transaction { reason: String },
     #[error("kafka: cannot read progress topic {topic}: {reason}")]
     Progress { topic: String, reason: String },
+    /// The broker or the client refuses a record or this producer for
+    /// good (classified by Kafka's error code): retrying cannot help.
+    #[error("kafka: {what}: {reason}; {advice}")]
+    Definite {
+        what: String,
+        reason: String,
+        advice: String,
+    },
 }
 
 impl SinkError {

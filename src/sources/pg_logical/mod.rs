@@ -231,18 +231,22 @@ fn connect_error(url: &str, e: &tokio_postgres::Error) -> PgError {
         return PgError::Tls { url, reason };
     }
     if let Some(db) = e.as_db_error() {
-        // pg_hba.conf has only `hostssl` lines for this client.
-        if db.message().contains("client certificate") {
-            return PgError::Connect {
-                url,
-                reason: format!("{reason}; the server authenticates this user by a TLS client certificate: add sslcert=/path/to/client.crt&sslkey=/path/to/client.key to the URL"),
-                unreachable: false,
+        // 28000: pg_hba.conf has no line that lets this connection in. The
+        // SQLSTATE decides (server messages follow lc_messages); the English
+        // text, when it is English, only narrows the hint.
+        if db.code() == &tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION {
+            let cert = "the server authenticates this user by a TLS client certificate: add sslcert=/path/to/client.crt&sslkey=/path/to/client.key to the URL";
+            let tls = "the server accepts this user only over TLS: add sslmode=require, or better sslmode=verify-full&sslrootcert=/path/to/ca.pem, to the URL";
+            let hint = if db.message().contains("client certificate") {
+                cert.to_string()
+            } else if db.message().contains("no encryption") {
+                tls.to_string()
+            } else {
+                format!("the server's pg_hba.conf has no line that lets this user in from here over this kind of connection: if {tls}; if {cert}; otherwise ask for a pg_hba.conf line for this host, user and database")
             };
-        }
-        if db.message().contains("no encryption") {
             return PgError::Connect {
                 url,
-                reason: format!("{reason}; the server accepts this user only over TLS: add sslmode=require, or better sslmode=verify-full&sslrootcert=/path/to/ca.pem, to the URL"),
+                reason: format!("{reason}; {hint}"),
                 unreachable: false,
             };
         }
@@ -622,9 +626,7 @@ impl PgSource {
                 )));
             }
             if active {
-                return Err(PgError::SlotBusy(format!(
-                    "slot `{slot}` is in use by another process (another unilog running this pipeline, or the server has not yet noticed that a previous one died)"
-                )));
+                return Err(self.slot_in_use(&slot).await);
             }
             let resumable = !snapshot_needed || (same_slot && self.state.snapshot_complete);
             if resumable && wal_lost {
@@ -744,6 +746,71 @@ impl PgSource {
                 }
             })
             .collect()
+    }
+
+    /// Why the slot is active, naming the holder. A holder that keeps the
+    /// slot longer than the server's `wal_sender_timeout` (plus 10 s) is a
+    /// live reader: the server ends a walsender whose client stopped
+    /// answering by then, so a previous unilog that died has let go. Before
+    /// that the error is worth retrying; after it, it is a definite
+    /// refusal: another process runs this pipeline. (The same state folder
+    /// is refused at once by the process lock.)
+    async fn slot_in_use(&self, slot: &str) -> PgError {
+        type Holders = std::sync::Mutex<HashMap<String, (Option<i32>, Instant)>>;
+        static BUSY_SINCE: std::sync::LazyLock<Holders> =
+            std::sync::LazyLock::new(Default::default);
+        let row = self
+            .client
+            .query_opt(
+                "SELECT s.active_pid, r.application_name::text, r.client_addr::text, r.backend_start::text,
+                        (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_sender_timeout')
+                 FROM pg_replication_slots s LEFT JOIN pg_stat_replication r ON r.pid = s.active_pid
+                 WHERE s.slot_name = $1",
+                &[&slot],
+            )
+            .await;
+        let Ok(Some(row)) = row else {
+            return PgError::SlotBusy(format!("slot `{slot}` is in use by another process"));
+        };
+        let pid: Option<i32> = row.get(0);
+        let app: Option<String> = row.get(1);
+        let client: Option<String> = row.get(2);
+        let since: Option<String> = row.get(3);
+        let timeout_ms: Option<i64> = row.get(4);
+        let who = format!(
+            "server process {} ({}, client {}, connected since {})",
+            pid.map_or_else(|| "?".into(), |p| p.to_string()),
+            app.as_deref()
+                .map_or("no application name".into(), |a| format!(
+                    "application_name {a}"
+                )),
+            client.as_deref().unwrap_or("local"),
+            since.as_deref().unwrap_or("?")
+        );
+        let bound =
+            Duration::from_millis(u64::try_from(timeout_ms.unwrap_or(60_000)).unwrap_or(60_000))
+                + Duration::from_secs(10);
+        let held_for = {
+            let mut map = BUSY_SINCE
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entry = map.entry(slot.to_string()).or_insert((pid, Instant::now()));
+            if entry.0 != pid {
+                *entry = (pid, Instant::now());
+            }
+            entry.1.elapsed()
+        };
+        if held_for > bound {
+            PgError::Setup(format!(
+                "slot `{slot}` is streamed by another process: {who}, for over {} s, longer than the server keeps the connection of a client that died (wal_sender_timeout): another unilog runs this pipeline (one pipeline runs in one process). Stop one of them, or give this one another `name` (or `source.postgres.slot`)",
+                held_for.as_secs()
+            ))
+        } else {
+            PgError::SlotBusy(format!(
+                "slot `{slot}` is held by {who}: another unilog running this pipeline, or a previous one that died and that the server has not yet noticed (it does within wal_sender_timeout); retrying, and refusing if it still holds it after {} s",
+                bound.as_secs()
+            ))
+        }
     }
 
     /// What happened to the slot, for the log and the error.
