@@ -1065,3 +1065,108 @@ async fn a_second_run_of_a_running_mongo_pipeline_is_refused() {
     run.stop().await;
     fx.cleanup().await;
 }
+
+/// A 50-document transaction committed through the driver, with unilog
+/// (exactly once) killed right after the commit: all 50 are published, once
+/// for `read_committed` readers where the broker hides aborted records; an
+/// aborted transaction publishes nothing.
+async fn a_transaction_is_published_once_across_a_kill(mode: &str) {
+    let stack = Stack::from_env();
+    let fx = MongoFixture::new(
+        &stack,
+        mode,
+        "    full_document: when_available\n",
+        "batch:\n  max_events: 20\n  max_wait_ms: 10\n",
+    )
+    .await;
+    let text = std::fs::read_to_string(&fx.config).unwrap();
+    std::fs::write(
+        &fx.config,
+        text.replace(
+            "  partitions: 3\n",
+            "  partitions: 3\n  exactly_once: true\n",
+        ),
+    )
+    .unwrap();
+    let users = fx.users();
+    users.insert_one(user(0)).await.unwrap();
+    let mut child = spawn_unilog(&fx);
+    let state = fx.dir.path().join(format!("state/{}.mongo.json", fx.name));
+    wait_copy_complete(&fx, &state, std::time::Instant::now()).await;
+    let mut session = fx.client.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    users
+        .insert_many((100..110).map(user).collect::<Vec<_>>())
+        .session(&mut session)
+        .await
+        .unwrap();
+    session.abort_transaction().await.unwrap();
+    session.start_transaction().await.unwrap();
+    users
+        .insert_many((1..=50).map(user).collect::<Vec<_>>())
+        .session(&mut session)
+        .await
+        .unwrap();
+    session.commit_transaction().await.unwrap();
+    kill9(&mut child);
+    let mut child = spawn_unilog(&fx);
+    users.insert_one(user(51)).await.unwrap();
+    let start = std::time::Instant::now();
+    let records = loop {
+        let records = consume(
+            &stack.brokers,
+            &fx.topic,
+            52,
+            Duration::from_secs(3),
+            TIMEOUT,
+        )
+        .await;
+        let distinct: HashSet<&str> = records
+            .iter()
+            .filter_map(|r| r.headers.get("unilog.dedup_id").map(String::as_str))
+            .collect();
+        if distinct.len() >= 52 || start.elapsed() > Duration::from_secs(60) {
+            break records;
+        }
+    };
+    let status = support::sigterm(&mut child.0);
+    assert!(status.success(), "{status:?}\n{}", unilog_log(&fx));
+    let decoded = decode_all(&mut Decoder::new(&stack.registry), &records).await;
+    let ages: std::collections::BTreeSet<i64> = decoded
+        .iter()
+        .filter_map(|e| e["after"]["age"].as_i64())
+        .collect();
+    assert_eq!(
+        ages,
+        (0..=51).collect(),
+        "every committed document, none of the aborted ones"
+    );
+    let distinct: HashSet<&str> = records
+        .iter()
+        .filter_map(|r| r.headers.get("unilog.dedup_id").map(String::as_str))
+        .collect();
+    assert_eq!(distinct.len(), 52, "{}", unilog_log(&fx));
+    if support::broker_hides_aborted_records(&stack.brokers).await {
+        assert_eq!(
+            records.len(),
+            52,
+            "a read_committed reader read changes twice"
+        );
+    }
+    println!(
+        "{mode}: a 50-document transaction, killed after the commit: {} records, {} distinct",
+        records.len(),
+        distinct.len()
+    );
+    fx.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn change_streams_a_transaction_is_published_once_across_a_kill() {
+    a_transaction_is_published_once_across_a_kill("change_streams").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn oplog_a_transaction_is_published_once_across_a_kill() {
+    a_transaction_is_published_once_across_a_kill("oplog").await;
+}

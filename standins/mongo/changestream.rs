@@ -368,7 +368,7 @@ impl ChangeStream {
             let mut scanned = self.after;
             for entry in oplog.after(self.after) {
                 scanned = entry.ts;
-                let (events, invalidates) = self.events_for(entry, store)?;
+                let (events, invalidates) = self.events_for(entry, store, oplog)?;
                 let mut delivered_invalidate = false;
                 for (key, event) in events {
                     // Resume points inside this timestamp (startAfter an invalidate skips the
@@ -410,6 +410,7 @@ impl ChangeStream {
         &self,
         entry: &Entry,
         store: &Store,
+        oplog: &Oplog,
     ) -> Result<(Vec<(TokenKey, Document)>, bool), CommandError> {
         let e = &entry.doc;
         let op = e.get_str("op").unwrap_or("");
@@ -420,6 +421,9 @@ impl ChangeStream {
         };
         let wall = e.get("wall").cloned().unwrap_or(Bson::Null);
         let o = e.get_document("o").cloned().unwrap_or_default();
+        if op == "c" && o.contains_key("applyOps") {
+            return self.transaction_events(entry, store, oplog);
+        }
         let Some((db, coll)) = ns.split_once('.') else {
             return Ok((Vec::new(), false));
         };
@@ -585,6 +589,94 @@ impl ChangeStream {
             ));
         }
         Ok((out, invalidates))
+    }
+
+    /// The events of a committed transaction, at its last `applyOps`
+    /// entry (MONGO-FORMATS.md §3, §4): the ops of the whole `partialTxn`
+    /// chain (found back through `prevOpTime`), in order, each event with
+    /// the commit's `clusterTime`, the session's `lsid` and `txnNumber`, and
+    /// a token whose txnOpIndex is the op's place in the transaction. A
+    /// `partialTxn` or `prepare` entry yields nothing by itself; `applyOps`
+    /// without a session (batched writes) yields its ops the same way.
+    fn transaction_events(
+        &self,
+        entry: &Entry,
+        store: &Store,
+        oplog: &Oplog,
+    ) -> Result<(Vec<(TokenKey, Document)>, bool), CommandError> {
+        let e = &entry.doc;
+        let o = e.get_document("o").cloned().unwrap_or_default();
+        if o.get_bool("partialTxn").ok() == Some(true) || o.get_bool("prepare").ok() == Some(true) {
+            return Ok((Vec::new(), false));
+        }
+        let prev_ts = |d: &Document| {
+            d.get_document("prevOpTime")
+                .ok()
+                .and_then(|p| p.get_timestamp("ts").ok())
+                .filter(|t| t.time != 0)
+        };
+        let mut chain = vec![entry.clone()];
+        let mut prev = prev_ts(e);
+        while let Some(ts) = prev {
+            let Some(p) = oplog.get(ts) else {
+                return Err(CommandError::change_stream_fatal(
+                    "a transaction's earlier partialTxn entry is no longer in the oplog",
+                ));
+            };
+            prev = prev_ts(&p.doc);
+            chain.push(p.clone());
+        }
+        chain.reverse();
+        let wall = e.get("wall").cloned().unwrap_or(Bson::Null);
+        let mut out = Vec::new();
+        let mut index = 0u32;
+        for part in &chain {
+            let ops = part
+                .doc
+                .get_document("o")
+                .and_then(|o| o.get_array("applyOps"))
+                .cloned()
+                .unwrap_or_default();
+            for (i, op) in ops.iter().enumerate() {
+                let Bson::Document(inner) = op else {
+                    continue;
+                };
+                let (pre, post) = part.op_images.get(i).cloned().unwrap_or_default();
+                let mut doc = inner.clone();
+                doc.insert("ts", entry.ts);
+                doc.insert("wall", wall.clone());
+                let single = Entry {
+                    ts: entry.ts,
+                    doc,
+                    pre_image: pre,
+                    post_image: post,
+                    op_images: Vec::new(),
+                };
+                let ui = match inner.get("ui") {
+                    Some(Bson::Binary(b)) => b.to_uuid().ok(),
+                    _ => None,
+                };
+                let key = TokenKey {
+                    ts: entry.ts,
+                    kind: KIND_EVENT,
+                    txn_op_index: index,
+                    from_invalidate: false,
+                };
+                index += 1;
+                let (events, _) = self.events_for(&single, store, oplog)?;
+                for (_, mut ev) in events {
+                    ev.insert("_id", key.encode(ui));
+                    if let Some(lsid) = e.get("lsid") {
+                        ev.insert("lsid", lsid.clone());
+                    }
+                    if let Some(n) = e.get("txnNumber") {
+                        ev.insert("txnNumber", n.clone());
+                    }
+                    out.push((key, ev));
+                }
+            }
+        }
+        Ok((out, false))
     }
 
     fn apply_match(&self, event: Document) -> Result<Option<Document>, CommandError> {

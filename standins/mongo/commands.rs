@@ -49,10 +49,9 @@ pub async fn run(
     connection_id: i64,
 ) -> Result<Document, CommandError> {
     let db = command.get_str("$db").unwrap_or("admin").to_string();
-    if command.contains_key("startTransaction") || command.contains_key("autocommit") {
-        return Err(CommandError::illegal_operation(
-            "transactions are not supported by the MongoDB stand-in",
-        ));
+    if command.get_bool("autocommit").ok() == Some(false) {
+        let mut state = server.lock();
+        return in_transaction(&mut state, server, name, &db, &command);
     }
     match name {
         "hello" | "isMaster" | "ismaster" => Ok(hello(server, name, connection_id)),
@@ -92,7 +91,7 @@ fn run_sync(
         "standinTruncateOplog" => truncate_oplog(state, command),
         "standinFailNext" => fail_next(state, command),
         "abortTransaction" | "commitTransaction" => Err(CommandError::illegal_operation(
-            "transactions are not supported by the MongoDB stand-in",
+            "commitTransaction and abortTransaction need lsid, txnNumber and autocommit: false",
         )),
         other => Err(CommandError::command_not_found(other)),
     }
@@ -290,6 +289,102 @@ fn txn_context(command: &Document) -> Option<TxnContext> {
         lsid_id: id,
         txn_number,
     })
+}
+
+// ------------------------------------------------------------------------------------------
+// transactions
+//
+// A transaction's writes are held, unapplied, until `commitTransaction`, which applies them in
+// order and logs them as mongod does: one `applyOps` entry with the session fields, or a chain
+// of `partialTxn` entries above `txn_entry_bytes` (MONGO-FORMATS.md §3). `abortTransaction`
+// drops them. What the stand-in does not do: a read inside a transaction sees the committed
+// data, not the transaction's own writes (no snapshot isolation), and a write's reply is made
+// before it is applied (inserts count their documents; updates and deletes answer n: 0).
+
+fn in_transaction(
+    state: &mut State,
+    server: &Server,
+    name: &str,
+    db: &str,
+    command: &Document,
+) -> Result<Document, CommandError> {
+    let Some(txn) = txn_context(command) else {
+        return Err(CommandError::failed_to_parse(
+            "a transaction needs lsid and txnNumber",
+        ));
+    };
+    let key = (txn.lsid_id, txn.txn_number);
+    match name {
+        "insert" | "update" | "delete" | "findAndModify" | "findandmodify" => {
+            if command.get_bool("startTransaction").ok() == Some(true) {
+                state.transactions.insert(key, Vec::new());
+            }
+            let Some(held) = state.transactions.get_mut(&key) else {
+                return Err(CommandError::no_such_transaction(txn.txn_number));
+            };
+            let mut plain = command.clone();
+            for k in [
+                "lsid",
+                "txnNumber",
+                "autocommit",
+                "startTransaction",
+                "readConcern",
+                "writeConcern",
+            ] {
+                plain.remove(k);
+            }
+            held.push((name.to_string(), db.to_string(), plain));
+            Ok(match name {
+                "insert" => doc! {
+                    "n": i32::try_from(command.get_array("documents").map_or(0, Vec::len)).unwrap_or(i32::MAX),
+                    "ok": 1.0,
+                },
+                "findAndModify" | "findandmodify" => {
+                    doc! { "lastErrorObject": { "n": 0 }, "value": Bson::Null, "ok": 1.0 }
+                }
+                _ => doc! { "n": 0, "nModified": 0, "ok": 1.0 },
+            })
+        }
+        "commitTransaction" => {
+            if state.committed.contains(&key) {
+                return Ok(doc! { "ok": 1.0 });
+            }
+            let Some(held) = state.transactions.remove(&key) else {
+                return Err(CommandError::no_such_transaction(txn.txn_number));
+            };
+            // A collection a transaction creates is logged before it, as
+            // its own `create` (mongod logs it inside the transaction).
+            for (write, wdb, cmd) in &held {
+                if let Ok(coll) = cmd.get_str(write.as_str()) {
+                    check_writable(wdb, coll)?;
+                    ensure_collection(state, wdb, coll);
+                }
+            }
+            state.oplog.begin_capture();
+            let mut failed = None;
+            for (write, wdb, cmd) in &held {
+                if let Err(e) = retryable_write(state, write, wdb, cmd) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            let ops = state.oplog.end_capture();
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            state
+                .oplog
+                .append_transaction(ops, &txn, server.config.txn_entry_bytes);
+            state.committed.insert(key);
+            Ok(doc! { "ok": 1.0 })
+        }
+        "abortTransaction" => {
+            state.transactions.remove(&key);
+            Ok(doc! { "ok": 1.0 })
+        }
+        // Reads and everything else: on the committed data.
+        other => run_sync(state, server, other, db, command),
+    }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -59,6 +59,10 @@ struct Cli {
     /// Keep at most this many oplog entries; older ones are dropped (a capped oplog).
     #[arg(long)]
     oplog_max_entries: Option<usize>,
+    /// Largest `applyOps` entry of a transaction, in bytes of its ops; a
+    /// larger transaction is logged as a `partialTxn` chain (mongod: 16 MB).
+    #[arg(long, default_value_t = 16 * 1024 * 1024 - 64 * 1024)]
+    txn_entry_bytes: usize,
 }
 
 #[tokio::main]
@@ -79,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         set_name: cli.set_name.clone(),
         host: host.clone(),
         oplog_max_entries: cli.oplog_max_entries,
+        txn_entry_bytes: cli.txn_entry_bytes,
     });
     tracing::info!(
         set_name = %cli.set_name,

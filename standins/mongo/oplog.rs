@@ -45,6 +45,8 @@ pub struct Entry {
     pub pre_image: Option<Document>,
     /// The document after the change (inserts, updates, replaces).
     pub post_image: Option<Document>,
+    /// An `applyOps` entry of a transaction: the images of each inner op.
+    pub op_images: Vec<(Option<Document>, Option<Document>)>,
 }
 
 /// What a write wants logged; the oplog adds ts, t, v, wall and the session fields.
@@ -99,6 +101,9 @@ pub struct Oplog {
     /// Last optime written per (session, txnNumber), for `prevOpTime`.
     chains: HashMap<Uuid, (i64, Timestamp)>,
     notify: watch::Sender<Timestamp>,
+    /// While a transaction commits: the ops its writes log, held back to
+    /// be written as `applyOps` entries.
+    capture: Option<Vec<Op>>,
 }
 
 impl Oplog {
@@ -118,6 +123,7 @@ impl Oplog {
             },
             chains: HashMap::new(),
             notify,
+            capture: None,
         };
         oplog.append(
             Op::new("n", "", None, doc! { "msg": "initiating set" }),
@@ -165,8 +171,73 @@ impl Oplog {
         self.last_ts
     }
 
+    /// From now on, [`Oplog::append`] holds the ops back (a transaction commits).
+    pub fn begin_capture(&mut self) {
+        self.capture = Some(Vec::new());
+    }
+
+    /// The ops held back since [`Oplog::begin_capture`]; appends write again.
+    pub fn end_capture(&mut self) -> Vec<Op> {
+        self.capture.take().unwrap_or_default()
+    }
+
+    /// Logs a committed transaction as mongod does (MONGO-FORMATS.md §3):
+    /// one `applyOps` entry (`ns: admin.$cmd`) with the session fields, or,
+    /// when its ops are over `max_entry_bytes`, a chain of `partialTxn`
+    /// entries linked by `prevOpTime` and ended by a plain `applyOps` (the
+    /// commit). Inner ops are `{op, ns, ui, o, o2?}`. Returns the commit's ts.
+    pub fn append_transaction(
+        &mut self,
+        ops: Vec<Op>,
+        txn: &TxnContext,
+        max_entry_bytes: usize,
+    ) -> Option<Timestamp> {
+        let mut chunks: Vec<Vec<Op>> = vec![Vec::new()];
+        let mut size = 0;
+        for op in ops {
+            let inner = inner_op(&op);
+            let bytes = inner.to_vec().map_or(0, |b| b.len());
+            if size + bytes > max_entry_bytes && chunks.last().is_some_and(|c| !c.is_empty()) {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += bytes;
+            if let Some(last) = chunks.last_mut() {
+                last.push(op);
+            }
+        }
+        if chunks.iter().all(Vec::is_empty) {
+            return None;
+        }
+        let n = chunks.len();
+        let mut ts = None;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let images: Vec<(Option<Document>, Option<Document>)> = chunk
+                .iter()
+                .map(|op| (op.pre_image.clone(), op.post_image.clone()))
+                .collect();
+            let mut o = doc! { "applyOps": chunk.iter().map(|op| Bson::Document(inner_op(op))).collect::<Vec<_>>() };
+            if i + 1 < n {
+                o.insert("partialTxn", true);
+            } else if n > 1 {
+                o.insert("count", i64::try_from(n).unwrap_or(i64::MAX));
+            }
+            let written = self.append(Op::new("c", "admin.$cmd", None, o), Some(txn), 0);
+            if let Some(last) = self.entries.back_mut() {
+                last.op_images = images;
+                last.doc.remove("stmtId");
+            }
+            ts = Some(written);
+        }
+        ts
+    }
+
     /// Appends one entry and wakes waiting readers. `stmt_id` is used only with `txn`.
     pub fn append(&mut self, op: Op, txn: Option<&TxnContext>, stmt_id: i32) -> Timestamp {
+        if let Some(held) = self.capture.as_mut() {
+            held.push(op);
+            return self.last_ts;
+        }
         let ts = self.next_ts();
         let mut doc = Document::new();
         if let Some(txn) = txn {
@@ -212,6 +283,7 @@ impl Oplog {
             doc,
             pre_image: op.pre_image,
             post_image: op.post_image,
+            op_images: Vec::new(),
         });
         if let Some(max) = self.max_entries {
             while self.entries.len() > max {
@@ -267,6 +339,19 @@ impl Oplog {
 }
 
 /// `{_id}` of a document: the `o2`/documentKey of its entries.
+/// An op as it stands inside `applyOps`: `{op, ns, ui, o, o2?}`.
+fn inner_op(op: &Op) -> Document {
+    let mut d = doc! { "op": op.op, "ns": op.ns.clone() };
+    if let Some(ui) = op.ui {
+        d.insert("ui", ui);
+    }
+    d.insert("o", op.o.clone());
+    if let Some(o2) = &op.o2 {
+        d.insert("o2", o2.clone());
+    }
+    d
+}
+
 pub fn document_key(doc: &Document) -> Document {
     doc! { "_id": doc.get("_id").cloned().unwrap_or(Bson::Null) }
 }

@@ -28,7 +28,12 @@ pub struct Config {
     pub host: String,
     /// Cap of `local.oplog.rs`, in entries (none: unbounded).
     pub oplog_max_entries: Option<usize>,
+    /// Largest `applyOps` entry of a transaction (bytes of its ops).
+    pub txn_entry_bytes: usize,
 }
+
+/// A write inside a transaction: (command name, database, command).
+pub type HeldWrite = (String, String, Document);
 
 /// A command error armed by `standinFailNext`.
 #[derive(Debug, Clone)]
@@ -45,6 +50,11 @@ pub struct State {
     pub fail_points: Vec<FailPoint>,
     /// Replies of executed retryable writes, by (lsid, txnNumber): a retry gets the saved reply.
     pub retried_writes: HashMap<(Uuid, i64), Document>,
+    /// Open transactions, by (lsid, txnNumber): their writes, held until
+    /// `commitTransaction`.
+    pub transactions: HashMap<(Uuid, i64), Vec<HeldWrite>>,
+    /// Transactions committed, so a retried `commitTransaction` answers ok.
+    pub committed: std::collections::HashSet<(Uuid, i64)>,
 }
 
 pub struct Server {
@@ -65,6 +75,8 @@ impl Server {
                 cursors: Cursors::default(),
                 fail_points: Vec::new(),
                 retried_writes: HashMap::new(),
+                transactions: HashMap::new(),
+                committed: std::collections::HashSet::new(),
             }),
             next_connection_id: AtomicI64::new(1),
             next_request_id: AtomicI32::new(1),
@@ -212,6 +224,15 @@ impl CommandError {
     }
     pub fn illegal_operation(m: impl Into<String>) -> Self {
         Self::new(20, m)
+    }
+    /// NoSuchTransaction (251).
+    pub fn no_such_transaction(txn_number: i64) -> Self {
+        Self::new(
+            251,
+            format!(
+                "Transaction with txnNumber {txn_number} has been aborted or was never started"
+            ),
+        )
     }
     pub fn namespace_not_found(m: impl Into<String>) -> Self {
         Self::new(26, m)

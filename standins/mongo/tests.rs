@@ -21,12 +21,17 @@ struct StandIn {
 }
 
 async fn start(oplog_max_entries: Option<usize>) -> StandIn {
+    start_with(oplog_max_entries, 16 * 1024 * 1024).await
+}
+
+async fn start_with(oplog_max_entries: Option<usize>, txn_entry_bytes: usize) -> StandIn {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let host = listener.local_addr().expect("address").to_string();
     let server = Server::new(Config {
         set_name: "rs0".into(),
         host: host.clone(),
         oplog_max_entries,
+        txn_entry_bytes,
     });
     tokio::spawn(Arc::clone(&server).serve(listener));
     StandIn { host, server }
@@ -789,4 +794,130 @@ async fn fixtures_match_the_stand_in() {
         .unwrap();
     let entries = oplog_entries(&retrying).await;
     assert_same_shape("oplog/insert_retryable", entries.last().unwrap());
+}
+
+// ------------------------------------------------------------------------------------------
+// transactions
+
+#[tokio::test]
+async fn a_committed_transaction_is_one_apply_ops_entry_and_events_with_its_session() {
+    let s = start(None).await;
+    let client = s.client().await;
+    let coll: Collection<Document> = client.database("test").collection("t");
+    coll.insert_one(doc! { "_id": 0 }).await.unwrap();
+    let mut stream = coll.watch().await.expect("watch");
+    let mut session = client.start_session().await.expect("session");
+    session.start_transaction().await.expect("start");
+    for i in 1..=3 {
+        coll.insert_one(doc! { "_id": i, "n": i })
+            .session(&mut session)
+            .await
+            .expect("insert in a transaction");
+    }
+    // Not applied before the commit.
+    assert!(coll.find_one(doc! { "_id": 1 }).await.unwrap().is_none());
+    session.commit_transaction().await.expect("commit");
+    assert_eq!(coll.count_documents(doc! {}).await.unwrap(), 4);
+    let entries = oplog_entries(&client).await;
+    let txn = entries.last().unwrap();
+    assert_eq!(txn.get_str("op").unwrap(), "c");
+    assert_eq!(txn.get_str("ns").unwrap(), "admin.$cmd");
+    assert!(
+        txn.get_document("lsid").is_ok() && txn.get_i64("txnNumber").is_ok(),
+        "{txn}"
+    );
+    let ops = txn
+        .get_document("o")
+        .unwrap()
+        .get_array("applyOps")
+        .unwrap();
+    assert_eq!(ops.len(), 3);
+    let first = ops[0].as_document().unwrap();
+    assert_eq!(first.get_str("op").unwrap(), "i");
+    assert_eq!(first.get_str("ns").unwrap(), "test.t");
+    assert!(
+        first.get("ts").is_none(),
+        "inner ops take the outer entry's ts"
+    );
+    let mut times = Vec::new();
+    for i in 1..=3 {
+        let ev: ChangeStreamEvent<Document> = next_event(&mut stream).await;
+        assert_eq!(ev.operation_type, OperationType::Insert);
+        assert_eq!(ev.full_document.unwrap().get_i32("n").unwrap(), i);
+        assert!(ev.lsid.is_some() && ev.txn_number.is_some());
+        times.push(ev.cluster_time);
+    }
+    assert!(
+        times.windows(2).all(|w| w[0] == w[1]),
+        "one transaction, one clusterTime"
+    );
+    // An aborted transaction writes nothing and shows nothing.
+    session.start_transaction().await.unwrap();
+    coll.insert_one(doc! { "_id": 99 })
+        .session(&mut session)
+        .await
+        .unwrap();
+    session.abort_transaction().await.expect("abort");
+    coll.insert_one(doc! { "_id": 100 }).await.unwrap();
+    let ev: ChangeStreamEvent<Document> = next_event(&mut stream).await;
+    assert_eq!(ev.document_key.unwrap().get_i32("_id").unwrap(), 100);
+    assert!(coll.find_one(doc! { "_id": 99 }).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_large_transaction_is_a_partial_txn_chain_and_resumes_inside_it() {
+    // 300 bytes an entry: each insert of ~100 bytes, so about 3 ops an entry.
+    let s = start_with(None, 300).await;
+    let client = s.client().await;
+    let coll: Collection<Document> = client.database("test").collection("big");
+    coll.insert_one(doc! { "_id": 0 }).await.unwrap();
+    let mut stream = coll.watch().await.expect("watch");
+    let mut session = client.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    for i in 1..=10 {
+        coll.insert_one(doc! { "_id": i, "pad": "x".repeat(40) })
+            .session(&mut session)
+            .await
+            .unwrap();
+    }
+    session.commit_transaction().await.unwrap();
+    let entries = oplog_entries(&client).await;
+    let txn: Vec<&Document> = entries
+        .iter()
+        .filter(|e| {
+            e.get_document("o")
+                .is_ok_and(|o| o.contains_key("applyOps"))
+        })
+        .collect();
+    assert!(txn.len() >= 3, "a chain: {txn:?}");
+    assert!(txn[..txn.len() - 1].iter().all(|e| e
+        .get_document("o")
+        .unwrap()
+        .get_bool("partialTxn")
+        .ok()
+        == Some(true)));
+    assert!(!txn
+        .last()
+        .unwrap()
+        .get_document("o")
+        .unwrap()
+        .contains_key("partialTxn"));
+    let mut ids = Vec::new();
+    let mut fifth = None;
+    for i in 1..=10 {
+        let ev: ChangeStreamEvent<Document> = next_event(&mut stream).await;
+        ids.push(ev.document_key.unwrap().get_i32("_id").unwrap());
+        if i == 5 {
+            fifth = Some(ev.id.clone());
+        }
+    }
+    assert_eq!(ids, (1..=10).collect::<Vec<_>>());
+    // Resuming after the fifth event of the transaction gives the other five.
+    let mut resumed = coll.watch().resume_after(fifth.unwrap()).await.unwrap();
+    let mut rest = Vec::new();
+    for _ in 6..=10 {
+        let ev: ChangeStreamEvent<Document> = next_event(&mut resumed).await;
+        rest.push(ev.document_key.unwrap().get_i32("_id").unwrap());
+    }
+    assert_eq!(rest, (6..=10).collect::<Vec<_>>());
 }
