@@ -1170,3 +1170,60 @@ async fn change_streams_a_transaction_is_published_once_across_a_kill() {
 async fn oplog_a_transaction_is_published_once_across_a_kill() {
     a_transaction_is_published_once_across_a_kill("oplog").await;
 }
+
+/// A 3 MB document (above Kafka's 1 MB limit) followed by ordinary ones:
+/// a dead letter naming collection, key and size; the others arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_too_large_document_is_a_dead_letter_and_the_next_ones_arrive() {
+    let stack = Stack::from_env();
+    let fx = MongoFixture::new(&stack, "change_streams", "", "").await;
+    let run = fx.start();
+    let users = fx.users();
+    users.insert_one(user(1)).await.unwrap();
+    consume(
+        &stack.brokers,
+        &fx.topic,
+        1,
+        Duration::from_secs(1),
+        TIMEOUT,
+    )
+    .await;
+    let mut big = user(2);
+    big.insert("email", "x".repeat(3_000_000));
+    let big_id = big.get_object_id("_id").unwrap().to_hex();
+    users.insert_one(big).await.unwrap();
+    users.insert_one(user(3)).await.unwrap();
+    let records = consume(
+        &stack.brokers,
+        &fx.topic,
+        2,
+        Duration::from_secs(2),
+        TIMEOUT,
+    )
+    .await;
+    let letters = consume(
+        &stack.brokers,
+        &fx.dead_letter_topic(),
+        1,
+        Duration::from_secs(2),
+        TIMEOUT,
+    )
+    .await;
+    let stats = run.stop().await;
+    let mut ages: Vec<i64> = decode_all(&mut Decoder::new(&stack.registry), &records)
+        .await
+        .iter()
+        .filter_map(|e| e["after"]["age"].as_i64())
+        .collect();
+    ages.sort_unstable();
+    assert_eq!(ages, [1, 3], "the document after the large one arrives");
+    assert_eq!(stats.dead_lettered, 1);
+    let body: Json = serde_json::from_slice(&letters[0].payload).unwrap();
+    assert_eq!(body["table"], format!("{}.users", fx.db));
+    assert_eq!(body["key"], big_id.as_str());
+    assert!(
+        body["size_bytes"].as_u64().is_some_and(|s| s > 3_000_000),
+        "{body}"
+    );
+    fx.cleanup().await;
+}
