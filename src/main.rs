@@ -226,10 +226,20 @@ async fn run(config: PathBuf) -> ExitCode {
     // Transient failures (a server down for a while) restart the pipeline
     // with backoff: positions are durable, so it resumes where Kafka's last
     // confirmation left it. Anything else stops with the reason.
+    // One process per pipeline: the lock is held across restarts, so no
+    // other process takes the pipeline (and its state files) meanwhile.
+    let lock = match pipeline::lock(&cfg) {
+        Ok(lock) => lock,
+        Err(e) => {
+            tracing::error!(error = %e, "pipeline stopped");
+            eprintln!("error: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let mut attempt = 0u32;
     loop {
         let started = std::time::Instant::now();
-        let result = pipeline::run(&cfg, stop.clone())
+        let result = pipeline::run_locked(&cfg, stop.clone(), &lock)
             .instrument(span.clone())
             .await;
         match result {
@@ -261,15 +271,7 @@ async fn run(config: PathBuf) -> ExitCode {
             Err(e) => {
                 tracing::error!(error = %e, "pipeline stopped");
                 unilog::telemetry::health().failed(&cfg.config.name, &e.to_string());
-                // The state belongs to the process that holds the lock.
-                if !matches!(
-                    e,
-                    pipeline::PipelineError::State(
-                        unilog::checkpoint::CheckpointError::Locked { .. }
-                    )
-                ) {
-                    record_error(&cfg, &e.to_string());
-                }
+                record_error(&cfg, &e.to_string());
                 eprintln!("error: {e}");
                 return ExitCode::from(1);
             }

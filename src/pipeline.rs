@@ -26,7 +26,7 @@ use crate::mapping::registry::RegistryClient;
 use crate::mapping::spec::LoadedMapping;
 use crate::mapping::{dedup_id, DomainEvent, Mapper, MappingError};
 use crate::sinks::kafka::{
-    ensure_progress_topic, ensure_topics, event_limit, read_last, EventLimit, KafkaSink,
+    ensure_progress_topic, ensure_topics, event_limits, read_last, EventLimits, KafkaSink,
 };
 use crate::sinks::{ProgressRecord, Sink, SinkError};
 use crate::sources::mongo_oplog::{cluster_time_text, MongoError, MongoSource};
@@ -185,8 +185,8 @@ struct Publisher<'a, K: Sink, P> {
     quarantined: HashMap<String, (Arc<TableInfo>, String)>,
     /// Set for exactly-once delivery.
     exactly_once: Option<ExactlyOnce>,
-    /// The largest event Kafka takes; larger ones are dead letters.
-    limit: EventLimit,
+    /// The largest event Kafka takes, per topic; larger ones are dead letters.
+    limits: EventLimits,
     stats: RunStats,
 }
 
@@ -228,7 +228,8 @@ impl<K: Sink, P: std::fmt::Display + Send + 'static> Publisher<'_, K, P> {
     fn check_sizes(&self, ev: &ChangeEvent, records: &[DomainEvent]) -> Result<(), MappingError> {
         for d in records {
             let size = crate::sinks::kafka::record_size(d);
-            if size > self.limit.bytes {
+            let limit = self.limits.for_topic(&d.topic);
+            if size > limit.bytes {
                 return Err(MappingError::TooLarge {
                     table: ev.table.qualified(),
                     key: d
@@ -237,8 +238,8 @@ impl<K: Sink, P: std::fmt::Display + Send + 'static> Publisher<'_, K, P> {
                         .map(|k| String::from_utf8_lossy(k).into_owned())
                         .unwrap_or_default(),
                     size,
-                    limit: self.limit.bytes,
-                    from: self.limit.from.clone(),
+                    limit: limit.bytes,
+                    from: limit.from,
                 });
             }
         }
@@ -745,7 +746,7 @@ pub async fn check(cfg: &LoadedConfig) -> Result<Vec<String>, PipelineError> {
         topics.join(", ")
     ));
     let kafka = &cfg.config.kafka;
-    let limit = event_limit(
+    let limits = event_limits(
         &kafka.brokers,
         &kafka.properties,
         &topics,
@@ -753,9 +754,8 @@ pub async fn check(cfg: &LoadedConfig) -> Result<Vec<String>, PipelineError> {
     )
     .await;
     report.push(format!(
-        "kafka: events larger than {} bytes ({}) are {}",
-        limit.bytes,
-        limit.from,
+        "kafka: events larger than {} are {}",
+        limits.describe(),
         if cfg.config.on_bad_row == BadRowPolicy::DeadLetter {
             "sent to the dead-letter topic with their table, key and size"
         } else {
@@ -769,7 +769,7 @@ pub async fn check(cfg: &LoadedConfig) -> Result<Vec<String>, PipelineError> {
 async fn open_sink(
     cfg: &LoadedConfig,
     mapper: &Mapper,
-) -> Result<(KafkaSink, EventLimit), PipelineError> {
+) -> Result<(KafkaSink, EventLimits), PipelineError> {
     let kafka = &cfg.config.kafka;
     let sink = KafkaSink::new(&kafka.brokers, &kafka.properties)?;
     sink.check_connection(Duration::from_secs(10)).await?;
@@ -796,15 +796,15 @@ async fn open_sink(
         kafka.replication_factor,
     )
     .await?;
-    let limit = event_limit(
+    let limits = event_limits(
         &kafka.brokers,
         &kafka.properties,
         &mapper.topics(),
         kafka.max_event_bytes,
     )
     .await;
-    tracing::info!(bytes = limit.bytes, from = %limit.from, "events larger than this are not handed to Kafka (dead letter, or stop with on_bad_row: stop)");
-    Ok((sink, limit))
+    tracing::info!(limits = %limits.describe(), "events larger than this are not handed to Kafka (dead letter, or stop with on_bad_row: stop)");
+    Ok((sink, limits))
 }
 
 /// With `kafka.exactly_once`, the transactional producer
@@ -826,7 +826,7 @@ fn publisher<'a, K: Sink, P>(
     sink: &'a K,
     registry: &'a RegistryClient,
     mapper: &'a mut Mapper,
-    limit: EventLimit,
+    limits: EventLimits,
 ) -> Publisher<'a, K, P> {
     Publisher {
         pipeline: cfg.config.name.clone(),
@@ -846,17 +846,34 @@ fn publisher<'a, K: Sink, P>(
             key: cfg.config.name.clone().into_bytes(),
             committed: Progress::default(),
         }),
-        limit,
+        limits,
         stats: RunStats::default(),
     }
 }
 
 /// Runs the pipeline until `stop` is set, then drains and acknowledges.
 pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, PipelineError> {
+    // One process per pipeline; held until this function returns.
+    let lock = lock(cfg)?;
+    run_locked(cfg, stop, &lock).await
+}
+
+/// The process lock of `cfg`'s pipeline (see [`crate::checkpoint::ProcessLock`]).
+pub fn lock(cfg: &LoadedConfig) -> Result<crate::checkpoint::ProcessLock, PipelineError> {
+    Ok(crate::checkpoint::ProcessLock::acquire(
+        &cfg.state_dir(),
+        &cfg.config.name,
+    )?)
+}
+
+/// [`run`], for a caller that holds the pipeline's lock (across restarts).
+pub async fn run_locked(
+    cfg: &LoadedConfig,
+    stop: Arc<AtomicBool>,
+    _lock: &crate::checkpoint::ProcessLock,
+) -> Result<RunStats, PipelineError> {
     let name = cfg.config.name.clone();
     health().set_phase(&name, Phase::Starting);
-    // One process per pipeline; held until this function returns.
-    let _lock = crate::checkpoint::ProcessLock::acquire(&cfg.state_dir(), &name)?;
     let mut report = Vec::new();
     let mappings = load_mappings(cfg)?;
     report.push(format!(
@@ -872,11 +889,11 @@ pub async fn run(cfg: &LoadedConfig, stop: Arc<AtomicBool>) -> Result<RunStats, 
             for line in &report {
                 tracing::info!("{line}");
             }
-            let (sink, limit) = open_sink(cfg, &mapper).await?;
+            let (sink, limits) = open_sink(cfg, &mapper).await?;
             // Exactly once: the transactional producer also fences an
             // older process of this pipeline that is still running.
             let sink = transactional_if_asked(cfg, sink).await?;
-            let mut publisher = publisher(cfg, &sink, &registry, &mut mapper, limit);
+            let mut publisher = publisher(cfg, &sink, &registry, &mut mapper, limits);
             if let Some(eo) = publisher.exactly_once.as_mut() {
                 // The state file may lag the progress topic by the batches
                 // in flight at a crash: changes up to the committed one
@@ -912,14 +929,14 @@ async fn run_pg(
     for line in &report {
         tracing::info!("{line}");
     }
-    let (sink, limit) = open_sink(cfg, &mapper).await?;
+    let (sink, limits) = open_sink(cfg, &mapper).await?;
     let batch = &cfg.config.batch;
     let opened = source.open(&tables).await?;
     // Exactly once: the transactional producer fences any other producer
     // of this pipeline, so it starts only once this process got the slot
     // (a second process stops at "slot in use" without fencing the first).
     let sink = transactional_if_asked(cfg, sink).await?;
-    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper, limit);
+    let mut publisher = publisher(cfg, &sink, &registry, &mut mapper, limits);
 
     if let Some(mut snap) = opened {
         health().set_phase(&name, Phase::Snapshot);

@@ -354,7 +354,7 @@ pub async fn run(
     let state = cfg.state_file();
     let lock = crate::checkpoint::ProcessLock::acquire(
         state.parent().unwrap_or_else(|| std::path::Path::new(".")),
-        &format!("join-{}", cfg.config.name),
+        &format!("join-{}-{}", cfg.config.name, cfg.config.kafka.instance),
     )
     .map_err(|e| JoinError::Setup(e.to_string()))?;
     let handle = tokio::runtime::Handle::current();

@@ -317,7 +317,7 @@ pub fn delivery_error(topic: &str, e: &KafkaError) -> SinkError {
             | RDKafkaErrorCode::MessageBatchTooLarge
             | RDKafkaErrorCode::InvalidMessageSize,
         ) => definite("the record is larger than the producer's or the broker's limit: raise the topic's max.message.bytes (or the broker's message.max.bytes) and kafka.properties message.max.bytes, or set kafka.max_event_bytes to that limit so that larger events go to the dead-letter topic".to_string()),
-        Some(RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessage) => {
+        Some(RDKafkaErrorCode::InvalidRecord) => {
             definite("the broker refuses the record as invalid (a policy of the topic, such as a compacted topic without a key)".into())
         }
         Some(
@@ -329,12 +329,7 @@ pub fn delivery_error(topic: &str, e: &KafkaError) -> SinkError {
         Some(RDKafkaErrorCode::PolicyViolation) => {
             definite("the broker's create or produce policy refuses it".into())
         }
-        Some(
-            RDKafkaErrorCode::ProducerFenced
-            | RDKafkaErrorCode::InvalidProducerEpoch
-            | RDKafkaErrorCode::Fenced
-            | RDKafkaErrorCode::TransactionCoordinatorFenced,
-        ) => definite(fenced_advice()),
+        code if is_fenced(code) => fenced_or_fatal(format!("topic {topic}"), reason.clone(), true),
         _ => SinkError::Delivery {
             topic: topic.to_string(),
             reason,
@@ -350,28 +345,70 @@ fn fenced_advice() -> String {
 /// are definite; the rest are worth a restart.
 fn transaction_error(what: &str, e: &KafkaError) -> SinkError {
     let fatal = matches!(e, KafkaError::Transaction(t) if t.is_fatal());
-    let fenced = matches!(
-        e.rdkafka_error_code(),
+    let fenced = is_fenced(e.rdkafka_error_code());
+    if fenced || fatal {
+        fenced_or_fatal(format!("transaction ({what})"), e.to_string(), fenced)
+    } else {
+        SinkError::Transaction {
+            reason: format!("{what}: {e}"),
+        }
+    }
+}
+
+fn is_fenced(code: Option<RDKafkaErrorCode>) -> bool {
+    matches!(
+        code,
         Some(
             RDKafkaErrorCode::ProducerFenced
                 | RDKafkaErrorCode::InvalidProducerEpoch
                 | RDKafkaErrorCode::Fenced
                 | RDKafkaErrorCode::TransactionCoordinatorFenced
         )
-    );
-    if fenced || fatal {
+    )
+}
+
+/// How many fenced or fatal transaction errors within [`FENCE_WINDOW`]
+/// make them definite.
+const FENCES_BEFORE_STOP: usize = 3;
+const FENCE_WINDOW: Duration = Duration::from_secs(600);
+
+/// A fenced (or otherwise fatal) transactional producer. The broker also
+/// fences a producer whose transaction it aborted for running past
+/// `transaction.timeout.ms` (a leader or coordinator away for a minute),
+/// and a new producer then works: so the first ones restart the pipeline
+/// with a new producer. Fenced again and again within 10 minutes, it is
+/// another process with the same transactional id: definite.
+fn fenced_or_fatal(what: String, reason: String, fenced: bool) -> SinkError {
+    static RECENT: std::sync::LazyLock<Mutex<Vec<Instant>>> =
+        std::sync::LazyLock::new(Default::default);
+    let count = {
+        let mut recent = RECENT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        recent.retain(|t| t.elapsed() < FENCE_WINDOW);
+        recent.push(Instant::now());
+        recent.len()
+    };
+    let advice = if fenced {
+        fenced_advice()
+    } else {
+        "the transactional producer hit a fatal error; check the broker's transaction settings"
+            .into()
+    };
+    if count >= FENCES_BEFORE_STOP {
         SinkError::Definite {
-            what: format!("transaction ({what})"),
-            reason: e.to_string(),
-            advice: if fenced {
-                fenced_advice()
-            } else {
-                "the transactional producer hit a fatal error; check the broker's transaction settings".into()
-            },
+            what,
+            reason: format!(
+                "{reason} ({count} times within {} min)",
+                FENCE_WINDOW.as_secs() / 60
+            ),
+            advice,
         }
     } else {
         SinkError::Transaction {
-            reason: format!("{what}: {e}"),
+            reason: format!(
+                "{what}: {reason}; restarting with a new producer (if this repeats: {advice})"
+            ),
         }
     }
 }
@@ -403,33 +440,81 @@ pub fn record_size(ev: &DomainEvent) -> usize {
         + RECORD_OVERHEAD_BYTES
 }
 
-/// The event limit for `topics`: `explicit` (`kafka.max_event_bytes`) if
-/// set, else the smallest of the producer's `message.max.bytes` and the
-/// topics' `max.message.bytes` as the brokers describe them (a broker that
-/// does not answer DescribeConfigs leaves the producer's limit).
-pub async fn event_limit(
+/// The event limits of a pipeline: `kafka.max_event_bytes` if set, else
+/// per topic the smaller of the producer's `message.max.bytes` and the
+/// topic's `max.message.bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventLimits {
+    explicit: Option<usize>,
+    producer: usize,
+    /// Topics whose `max.message.bytes` is below the producer's limit.
+    topics: BTreeMap<String, usize>,
+}
+
+impl EventLimits {
+    /// The limit of an event bound for `topic`.
+    pub fn for_topic(&self, topic: &str) -> EventLimit {
+        if let Some(bytes) = self.explicit {
+            return EventLimit {
+                bytes,
+                from: "kafka.max_event_bytes".into(),
+            };
+        }
+        match self.topics.get(topic) {
+            Some(&bytes) => EventLimit {
+                bytes,
+                from: format!("topic {topic}'s max.message.bytes"),
+            },
+            None => EventLimit {
+                bytes: self.producer,
+                from: "the producer's message.max.bytes".into(),
+            },
+        }
+    }
+
+    /// For `check`: the limit, and the topics with a smaller one.
+    pub fn describe(&self) -> String {
+        if let Some(bytes) = self.explicit {
+            return format!("{bytes} bytes (kafka.max_event_bytes)");
+        }
+        let mut text = format!("{} bytes (the producer's message.max.bytes)", self.producer);
+        for (t, b) in &self.topics {
+            text.push_str(&format!(", {b} bytes on topic {t} (its max.message.bytes)"));
+        }
+        text
+    }
+}
+
+/// The event limits for `topics` (see [`EventLimits`]). The topics'
+/// `max.message.bytes` come from DescribeConfigs; a broker that does not
+/// answer leaves the producer's limit. With `compression.type` set, the
+/// broker checks a topic's limit against compressed batches, so only the
+/// producer's limit (on uncompressed records) is applied.
+pub async fn event_limits(
     brokers: &str,
     properties: &BTreeMap<String, String>,
     topics: &[String],
     explicit: Option<usize>,
-) -> EventLimit {
-    if let Some(bytes) = explicit {
-        return EventLimit {
-            bytes,
-            from: "kafka.max_event_bytes".into(),
-        };
-    }
+) -> EventLimits {
     let producer = properties
         .get("message.max.bytes")
         .and_then(|v| v.parse().ok())
         .unwrap_or(PRODUCER_MESSAGE_MAX_BYTES);
-    let mut limit = EventLimit {
-        bytes: producer,
-        from: "the producer's message.max.bytes".into(),
+    let mut limits = EventLimits {
+        explicit,
+        producer,
+        topics: BTreeMap::new(),
     };
+    let compressed = properties
+        .get("compression.type")
+        .or_else(|| properties.get("compression.codec"))
+        .is_some_and(|c| c != "none");
+    if explicit.is_some() || compressed {
+        return limits;
+    }
     let Ok(admin) = base_config(brokers, properties).create::<AdminClient<DefaultClientContext>>()
     else {
-        return limit;
+        return limits;
     };
     let specs: Vec<rdkafka::admin::ResourceSpecifier<'_>> = topics
         .iter()
@@ -450,15 +535,12 @@ pub async fn event_limit(
                 .find(|e| e.name == "max.message.bytes")
                 .and_then(|e| e.value.as_deref())
                 .and_then(|v| v.parse::<usize>().ok());
-            if let Some(b) = bytes.filter(|b| *b < limit.bytes) {
-                limit = EventLimit {
-                    bytes: b,
-                    from: format!("topic {topic}'s max.message.bytes"),
-                };
+            if let Some(b) = bytes.filter(|b| *b < producer) {
+                limits.topics.insert(topic.clone(), b);
             }
         }
     }
-    limit
+    limits
 }
 
 /// Creates `topics` that do not exist yet.

@@ -49,7 +49,8 @@ pub async fn run(
     connection_id: i64,
 ) -> Result<Document, CommandError> {
     let db = command.get_str("$db").unwrap_or("admin").to_string();
-    if command.get_bool("autocommit").ok() == Some(false) {
+    // A driver marks every command of a transaction (getMore too).
+    if command.get_bool("autocommit").ok() == Some(false) && name != "getMore" {
         let mut state = server.lock();
         return in_transaction(&mut state, server, name, &db, &command);
     }
@@ -301,6 +302,9 @@ fn txn_context(command: &Document) -> Option<TxnContext> {
 // data, not the transaction's own writes (no snapshot isolation), and a write's reply is made
 // before it is applied (inserts count their documents; updates and deletes answer n: 0).
 
+/// A collection as it was before a commit, to put back if the commit fails.
+type SavedCollection = ((String, String), Option<crate::store::Collection>);
+
 fn in_transaction(
     state: &mut State,
     server: &Server,
@@ -314,11 +318,12 @@ fn in_transaction(
         ));
     };
     let key = (txn.lsid_id, txn.txn_number);
+    // The first command of a transaction, whatever it is, starts it.
+    if command.get_bool("startTransaction").ok() == Some(true) {
+        state.transactions.insert(key, Vec::new());
+    }
     match name {
         "insert" | "update" | "delete" | "findAndModify" | "findandmodify" => {
-            if command.get_bool("startTransaction").ok() == Some(true) {
-                state.transactions.insert(key, Vec::new());
-            }
             let Some(held) = state.transactions.get_mut(&key) else {
                 return Err(CommandError::no_such_transaction(txn.txn_number));
             };
@@ -354,22 +359,63 @@ fn in_transaction(
             };
             // A collection a transaction creates is logged before it, as
             // its own `create` (mongod logs it inside the transaction).
+            let mut touched = Vec::new();
             for (write, wdb, cmd) in &held {
                 if let Ok(coll) = cmd.get_str(write.as_str()) {
                     check_writable(wdb, coll)?;
                     ensure_collection(state, wdb, coll);
+                    touched.push((wdb.clone(), coll.to_string()));
                 }
             }
+            // All or nothing: the touched collections as they were, put
+            // back if a write fails (an error, or writeErrors in its reply).
+            let saved: Vec<SavedCollection> = touched
+                .iter()
+                .map(|(d, c)| {
+                    (
+                        (d.clone(), c.clone()),
+                        state.store.collection(d, c).cloned(),
+                    )
+                })
+                .collect();
             state.oplog.begin_capture();
             let mut failed = None;
             for (write, wdb, cmd) in &held {
-                if let Err(e) = retryable_write(state, write, wdb, cmd) {
-                    failed = Some(e);
-                    break;
+                match retryable_write(state, write, wdb, cmd) {
+                    Ok(reply) if reply.contains_key("writeErrors") => {
+                        let code = reply
+                            .get_array("writeErrors")
+                            .ok()
+                            .and_then(|w| w.first())
+                            .and_then(Bson::as_document)
+                            .and_then(|d| d.get_i32("code").ok())
+                            .unwrap_or(8);
+                        failed = Some(CommandError::new(
+                            code,
+                            "a write of the transaction failed at its commit; nothing of it was applied",
+                        ));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
                 }
             }
             let ops = state.oplog.end_capture();
             if let Some(e) = failed {
+                for ((d, c), coll) in saved {
+                    let dbs = state.store.dbs.entry(d).or_default();
+                    match coll {
+                        Some(coll) => {
+                            dbs.insert(c, coll);
+                        }
+                        None => {
+                            dbs.remove(&c);
+                        }
+                    }
+                }
                 return Err(e);
             }
             state

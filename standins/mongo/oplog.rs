@@ -176,6 +176,11 @@ impl Oplog {
         self.capture = Some(Vec::new());
     }
 
+    /// Whether ops are held back (a transaction commits).
+    pub fn capturing(&self) -> bool {
+        self.capture.is_some()
+    }
+
     /// The ops held back since [`Oplog::begin_capture`]; appends write again.
     pub fn end_capture(&mut self) -> Vec<Op> {
         self.capture.take().unwrap_or_default()

@@ -86,9 +86,16 @@ impl Server {
     /// Locks the state. A poisoned lock (a panic elsewhere) is taken over: the data is plain
     /// values, never left half-updated by an early return.
     pub fn lock(&self) -> MutexGuard<'_, State> {
-        self.state
+        let mut state = self
+            .state
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // A commit that panicked left the oplog holding ops back: let
+        // writes reach it again.
+        if state.oplog.capturing() {
+            let _ = state.oplog.end_capture();
+        }
+        state
     }
 
     /// Accepts connections until the listener fails.
@@ -225,14 +232,17 @@ impl CommandError {
     pub fn illegal_operation(m: impl Into<String>) -> Self {
         Self::new(20, m)
     }
-    /// NoSuchTransaction (251).
+    /// NoSuchTransaction (251), labelled `TransientTransactionError` as
+    /// mongod does, so a driver may retry the whole transaction.
     pub fn no_such_transaction(txn_number: i64) -> Self {
-        Self::new(
+        let mut e = Self::new(
             251,
             format!(
                 "Transaction with txnNumber {txn_number} has been aborted or was never started"
             ),
-        )
+        );
+        e.labels.push("TransientTransactionError".into());
+        e
     }
     pub fn namespace_not_found(m: impl Into<String>) -> Self {
         Self::new(26, m)

@@ -921,3 +921,54 @@ async fn a_large_transaction_is_a_partial_txn_chain_and_resumes_inside_it() {
     }
     assert_eq!(rest, (6..=10).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn a_transaction_may_start_with_a_read_and_a_failed_commit_applies_nothing() {
+    let s = start(None).await;
+    let client = s.client().await;
+    let coll: Collection<Document> = client.database("test").collection("r");
+    coll.insert_one(doc! { "_id": 1 }).await.unwrap();
+    let mut session = client.start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    assert!(coll
+        .find_one(doc! { "_id": 1 })
+        .session(&mut session)
+        .await
+        .unwrap()
+        .is_some());
+    coll.insert_one(doc! { "_id": 2 })
+        .session(&mut session)
+        .await
+        .unwrap();
+    session
+        .commit_transaction()
+        .await
+        .expect("commit after a read");
+    assert_eq!(coll.count_documents(doc! {}).await.unwrap(), 2);
+    // A duplicate key at the commit: nothing of the transaction is applied.
+    session.start_transaction().await.unwrap();
+    coll.insert_one(doc! { "_id": 3 })
+        .session(&mut session)
+        .await
+        .unwrap();
+    coll.insert_one(doc! { "_id": 1 })
+        .session(&mut session)
+        .await
+        .unwrap();
+    assert!(session.commit_transaction().await.is_err());
+    assert!(coll.find_one(doc! { "_id": 3 }).await.unwrap().is_none());
+    let entries = oplog_entries(&client).await;
+    assert!(!entries.iter().any(|e| e
+        .get_document("o")
+        .is_ok_and(|o| o.contains_key("applyOps") && o.get_array("applyOps").unwrap().len() == 2)));
+    // Writes go on reaching the oplog.
+    coll.insert_one(doc! { "_id": 4 }).await.unwrap();
+    assert!(oplog_entries(&client)
+        .await
+        .last()
+        .unwrap()
+        .get_document("o")
+        .unwrap()
+        .get_i32("_id")
+        .is_ok_and(|id| id == 4));
+}

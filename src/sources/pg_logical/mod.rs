@@ -756,7 +756,7 @@ impl PgSource {
     /// refusal: another process runs this pipeline. (The same state folder
     /// is refused at once by the process lock.)
     async fn slot_in_use(&self, slot: &str) -> PgError {
-        type Holders = std::sync::Mutex<HashMap<String, (Option<i32>, Instant)>>;
+        type Holders = std::sync::Mutex<HashMap<String, (Option<i32>, Option<String>, Instant)>>;
         static BUSY_SINCE: std::sync::LazyLock<Holders> =
             std::sync::LazyLock::new(Default::default);
         let row = self
@@ -787,28 +787,37 @@ impl PgSource {
             client.as_deref().unwrap_or("local"),
             since.as_deref().unwrap_or("?")
         );
-        let bound =
-            Duration::from_millis(u64::try_from(timeout_ms.unwrap_or(60_000)).unwrap_or(60_000))
-                + Duration::from_secs(10);
+        // wal_sender_timeout = 0: the server never ends a silent client,
+        // so a holder can never be told dead: retry, never refuse.
+        let bound = timeout_ms
+            .filter(|t| *t > 0)
+            .and_then(|t| u64::try_from(t).ok())
+            .map(|t| Duration::from_millis(t) + Duration::from_secs(10));
         let held_for = {
             let mut map = BUSY_SINCE
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let entry = map.entry(slot.to_string()).or_insert((pid, Instant::now()));
-            if entry.0 != pid {
-                *entry = (pid, Instant::now());
+            let entry = map
+                .entry(slot.to_string())
+                .or_insert((pid, since.clone(), Instant::now()));
+            // Another holder (another pid, or the same pid reused later).
+            if entry.0 != pid || entry.1 != since {
+                *entry = (pid, since.clone(), Instant::now());
             }
-            entry.1.elapsed()
+            entry.2.elapsed()
         };
-        if held_for > bound {
+        if bound.is_some_and(|b| held_for > b) {
             PgError::Setup(format!(
                 "slot `{slot}` is streamed by another process: {who}, for over {} s, longer than the server keeps the connection of a client that died (wal_sender_timeout): another unilog runs this pipeline (one pipeline runs in one process). Stop one of them, or give this one another `name` (or `source.postgres.slot`)",
                 held_for.as_secs()
             ))
         } else {
             PgError::SlotBusy(format!(
-                "slot `{slot}` is held by {who}: another unilog running this pipeline, or a previous one that died and that the server has not yet noticed (it does within wal_sender_timeout); retrying, and refusing if it still holds it after {} s",
-                bound.as_secs()
+                "slot `{slot}` is held by {who}: another unilog running this pipeline, or a previous one that died and that the server has not yet noticed (it does within wal_sender_timeout); retrying{}",
+                bound.map_or_else(
+                    || " (wal_sender_timeout is 0, so the server never lets go of a client that died: end that server process with pg_terminate_backend if no unilog holds it)".to_string(),
+                    |b| format!(", and refusing if it still holds it after {} s", b.as_secs())
+                )
             ))
         }
     }
